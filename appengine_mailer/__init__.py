@@ -1,0 +1,1 @@
+"""appengine-mailer: the Django backend lives in appengine_mailer.django_email_backend."""

@@ -1,0 +1,725 @@
+"""appengine-mailer server: send signed RFC 2822 messages through App Engine's Mail API.
+
+Clients POST ``msg`` (the raw message) and ``signature`` (base64 HMAC-SHA1 of the
+message under a shared secret) as an urlencoded form to ``/``.  The server checks
+the signature against every configured key, converts the message with the stdlib
+``email`` package into ``google.appengine.api.mail.EmailMessage`` and calls its
+``send()``.  Answers: 204 sent, 400 the client's fault (the body says why),
+413/415/405 for requests outside the interface, 503 with Retry-After when the
+mail service is in trouble.
+
+``send()`` goes wherever the SDK sends: the Mail API on App Engine, a real SMTP
+server with the SDK's SMTP mode (``APPENGINE_USE_SMTP_MAIL_SERVICE=true``), or,
+by default elsewhere, an outbox stub that writes each message into a Maildir.
+
+Run locally with ``python mailer.py --host 127.0.0.1 --port 8080``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import email.encoders
+import email.utils
+import hmac
+import json
+import logging
+import mailbox
+import mimetypes
+import os
+import re
+import socket
+import socketserver
+import sys
+import threading
+from email import policy
+from email.headerregistry import Address
+from email.message import Message
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from google.appengine.api import apiproxy_stub_map, mail, mail_errors
+from google.appengine.runtime import apiproxy_errors
+
+import gmail
+
+__version__ = gmail.__version__
+
+log = logging.getLogger("appengine_mailer")
+
+HERE = Path(__file__).resolve().parent
+MAX_BODY_BYTES = 32 * 1024 * 1024  # App Engine's own request size cap.
+MAX_FORM_FIELDS = 16
+DEFAULT_MAX_RECIPIENTS = 100
+DEFAULT_SMTP_TIMEOUT = 30.0
+RETRY_AFTER_SECONDS = "60"
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+
+
+# ---------------------------------------------------------------------------
+# HTTP errors: the one place where a failure becomes a status code.
+# ---------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """A request ends with this status and a plain-text reason for the client."""
+
+    status = "500 Internal Server Error"
+
+    def __init__(self, reason: str, headers: Iterable[tuple[str, str]] = ()):
+        super().__init__(reason)
+        self.reason = reason
+        self.headers = list(headers)
+
+
+class BadRequest(HTTPError):
+    status = "400 Bad Request"
+
+
+class NotFound(HTTPError):
+    status = "404 Not Found"
+
+
+class MethodNotAllowed(HTTPError):
+    status = "405 Method Not Allowed"
+
+    def __init__(self, reason: str):
+        super().__init__(reason, [("Allow", "GET, HEAD, POST")])
+
+
+class LengthRequired(HTTPError):
+    status = "411 Length Required"
+
+
+class PayloadTooLarge(HTTPError):
+    status = "413 Payload Too Large"
+
+
+class UnsupportedMediaType(HTTPError):
+    status = "415 Unsupported Media Type"
+
+
+class ServiceUnavailable(HTTPError):
+    status = "503 Service Unavailable"
+
+    def __init__(self, reason: str):
+        super().__init__(reason, [("Retry-After", RETRY_AFTER_SECONDS)])
+
+
+# The SDK's refusals that are the client's fault; any other mail error is ours.
+CLIENT_MAIL_ERRORS = (
+    mail_errors.BadRequestError,
+    mail_errors.InvalidAttachmentTypeError,
+    mail_errors.InvalidEmailError,
+    mail_errors.InvalidHeaderNameError,
+    mail_errors.MissingRecipientsError,
+    mail_errors.MissingSenderError,
+    mail_errors.PayloadEncodingError,
+    mail_errors.UnknownCharsetError,
+    mail_errors.UnknownEncodingError,
+)
+
+
+def http_error_for_send_failure(exc: Exception) -> HTTPError:
+    """Map an exception raised while sending to the answer the client gets."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, mail_errors.InvalidSenderError):
+        if str(exc).startswith("SMTP authentication failed"):
+            return ServiceUnavailable("the SMTP server refused the proxy's credentials")
+        return BadRequest(f"unauthorized sender: {exc}".rstrip(": "))
+    if isinstance(exc, CLIENT_MAIL_ERRORS):
+        return BadRequest(f"the mail service refused the message: {type(exc).__name__}: {exc}")
+    if isinstance(exc, (mail_errors.Error, apiproxy_errors.Error, OSError)):
+        return ServiceUnavailable("the mail service is unavailable, retry later")
+    raise exc
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def _setting(name: str, environ: dict, search: Iterable[Path]) -> Optional[str]:
+    """Return a setting from the environment, else from the first file that has it."""
+    if environ.get(name):
+        return environ[name]
+    for folder in search:
+        path = folder / name
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return None
+
+
+def parse_keys(text: Optional[str]) -> list[bytes]:
+    """Split a key file into keys: one per line, blank lines and outer whitespace ignored."""
+    if not text:
+        return []
+    return [line.strip().encode("utf-8") for line in text.splitlines() if line.strip()]
+
+
+def keys_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> list[bytes]:
+    """Read the secret keys: env GMAIL_SECRET_KEY, else keys/, else the original's file names."""
+    environ = os.environ if environ is None else environ
+    keys = parse_keys(_setting("GMAIL_SECRET_KEY", environ, [root / "keys", root]))
+    if not keys:
+        keys = parse_keys(_setting("GMAIL_SECRET_KEYS", {}, [root]))
+    return keys
+
+
+def default_sender_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> Optional[str]:
+    """Read the optional default sender the same way as the keys."""
+    environ = os.environ if environ is None else environ
+    value = _setting("GMAIL_DEFAULT_SENDER", environ, [root / "keys", root])
+    return value.strip() or None if value else None
+
+
+def smtp_mode(environ: Optional[dict] = None) -> bool:
+    """Whether the SDK will deliver through SMTP instead of the Mail API."""
+    environ = os.environ if environ is None else environ
+    return environ.get("APPENGINE_USE_SMTP_MAIL_SERVICE") == "true"
+
+
+def on_app_engine(environ: Optional[dict] = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return environ.get("GAE_ENV", "").startswith("standard")
+
+
+# ---------------------------------------------------------------------------
+# Request parsing
+# ---------------------------------------------------------------------------
+
+_FORM_SAFE = re.compile(rb"[!-~]*")  # printable ASCII: what any urlencoder emits
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def _unquote_field(raw: bytes, name: str) -> bytes:
+    """Decode one urlencoded value to the exact bytes the client encoded."""
+    if not _FORM_SAFE.fullmatch(raw):
+        raise BadRequest(f"field {name!r} holds characters that urlencoding never produces")
+    if _BAD_ESCAPE.search(raw):
+        raise BadRequest(f"field {name!r} has a malformed percent-escape")
+    raw = raw.replace(b"+", b" ")
+    if b"%" not in raw:
+        return raw
+    return _ESCAPE.sub(lambda m: bytes.fromhex(m.group(1).decode("ascii")), raw)
+
+
+def parse_form(body: bytes) -> dict[str, bytes]:
+    """Parse an application/x-www-form-urlencoded body into raw bytes, by hand.
+
+    The stdlib decodes values to str; the signature is over the client's exact
+    bytes, 8-bit and non-UTF-8 included, so each value is decoded to bytes here.
+    """
+    form: dict[str, bytes] = {}
+    pairs = [p for p in body.split(b"&") if p] if body else []
+    if len(pairs) > MAX_FORM_FIELDS:
+        raise BadRequest(f"too many form fields (at most {MAX_FORM_FIELDS})")
+    for pair in pairs:
+        raw_name, _, raw_value = pair.partition(b"=")
+        try:
+            name = _unquote_field(raw_name, "name").decode("ascii")
+        except (BadRequest, UnicodeDecodeError):
+            raise BadRequest("a form field name is not valid urlencoded ASCII") from None
+        if name in form:
+            raise BadRequest(f"form field {name!r} given more than once")
+        form[name] = _unquote_field(raw_value, name)
+    return form
+
+
+def _flag(form: dict[str, bytes], name: str) -> bool:
+    word = form.get(name, b"").strip().lower().decode("ascii", "replace")
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise BadRequest(f"field {name!r} must be true or false, not {word!r}")
+
+
+def read_body(environ: dict, limit: int) -> bytes:
+    """Read the request body, refusing it from Content-Length before reading anything."""
+    length = environ.get("CONTENT_LENGTH", "")
+    if not length:
+        raise LengthRequired("a POST needs a Content-Length header")
+    if not (length.isascii() and length.isdigit()):
+        raise BadRequest(f"Content-Length {length!r} is not a number")
+    size = int(length)
+    if size > limit:
+        raise PayloadTooLarge(f"request body of {size} bytes is over the {limit}-byte limit")
+    stream = environ["wsgi.input"]
+    chunks, remaining = [], size
+    while remaining:
+        chunk = stream.read(min(remaining, 1 << 20))
+        if not chunk:
+            raise BadRequest("request body is shorter than its Content-Length")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------
+# Signatures
+# ---------------------------------------------------------------------------
+
+
+def check_signature(keys: list[bytes], msg: bytes, signature: bytes) -> None:
+    """Accept the message if its signature matches any configured key."""
+    given = signature.strip()
+    matched = False
+    for key in keys:
+        # Every key is tried, so the time taken does not tell which one matched.
+        matched |= hmac.compare_digest(gmail.sign_v1(key, msg).encode("ascii"), given)
+    if not matched:
+        raise BadRequest("signature does not match the message under any configured key")
+
+
+# ---------------------------------------------------------------------------
+# Message conversion: RFC 2822 bytes -> mail.EmailMessage
+# ---------------------------------------------------------------------------
+
+_ADDR_SPEC = re.compile(r"[!-~]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?\.?")
+_TEXT_CHARSETS_TRIED = ("utf-8", "latin-1")
+
+
+def header_text(value) -> str:
+    """Return a header value as text on one line, raw 8-bit bytes read as UTF-8 (else latin-1).
+
+    The parser keeps undecodable 8-bit header bytes as surrogates; RFC 6532 mail
+    carries UTF-8 there, older mail often latin-1.
+    """
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+    return " ".join(text.split())
+
+
+def _format_address(address: Address, header: str) -> str:
+    """Render one address as ASCII, the display name RFC 2047 encoded if needed."""
+    spec = address.addr_spec
+    if not _ADDR_SPEC.fullmatch(spec) or spec.count("@") != 1:
+        raise BadRequest(f"{header} address {header_text(spec)!r} is not a valid email address")
+    return email.utils.formataddr((header_text(address.display_name), spec), charset="utf-8")
+
+
+def _addresses(message: Message, header: str) -> list[str]:
+    """Return every address in every `header` line, formatted for the Mail API."""
+    try:
+        values = message.get_all(header) or []
+        parsed = [(value, value.addresses) for value in values]
+    except (IndexError, ValueError, TypeError, AttributeError):
+        # email's header parser raises these on some malformed address lists.
+        raise BadRequest(f"{header} header could not be parsed as a list of addresses") from None
+    found = []
+    for value, addresses in parsed:
+        if value.defects and not addresses and str(value).strip():
+            raise BadRequest(f"{header} header {header_text(value)!r} holds no valid address")
+        found.extend(_format_address(a, header) for a in addresses)
+    return found
+
+
+def _decode_text(part: Message) -> str:
+    """Decode a text part with its declared charset (8-bit bytes with none: UTF-8, else latin-1)."""
+    data = part.get_payload(decode=True) or b""
+    charset = part.get_content_charset()
+    if charset and charset not in ("us-ascii", "ascii"):
+        try:
+            return data.decode(charset, "replace")
+        except LookupError:
+            raise BadRequest(f"unknown charset {charset!r} in a {part.get_content_type()} part") from None
+    for name in _TEXT_CHARSETS_TRIED:
+        try:
+            return data.decode(name)
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes any bytes")
+
+
+def _attachment_name(part: Message, index: int) -> str:
+    name = part.get_filename()
+    if name:
+        name = name.replace("\r", "").replace("\n", "").strip()
+    if not name:
+        extension = mimetypes.guess_extension(part.get_content_type()) or ".bin"
+        name = "attachment" + extension if index == 0 else f"attachment-{index}{extension}"
+    extension = name.rpartition(".")[2].lower() if "." in name else ""
+    if extension in mail.EXTENSION_BLACKLIST:
+        raise BadRequest(f"attachments of type .{extension} are forbidden by the Mail API ({name!r})")
+    return name
+
+
+def _leaf_parts(message: Message) -> Iterable[Message]:
+    """Yield the parts to deliver, depth first; attached messages stay whole."""
+    if message.is_multipart():
+        for sub in message.get_payload():
+            yield from _leaf_parts(sub)
+    else:
+        yield message
+
+
+def _is_attachment(part: Message) -> bool:
+    return part.get_content_disposition() == "attachment" or bool(part.get_filename())
+
+
+def _bodies_and_attachments(message: Message) -> tuple[dict, list[mail.Attachment]]:
+    bodies: dict[str, str] = {}
+    attachments: list[mail.Attachment] = []
+    for part in _leaf_parts(message):
+        kind = part.get_content_type()
+        body_field = {"text/plain": "body", "text/html": "html"}.get(kind)
+        if body_field and body_field not in bodies and not _is_attachment(part) and "Content-ID" not in part:
+            bodies[body_field] = _decode_text(part)
+            continue
+        if kind == "message/rfc822" or part.get_content_maintype() == "multipart":
+            data = part.as_bytes() if not part.is_multipart() else b""
+            if isinstance(part.get_payload(), list):
+                data = b"".join(sub.as_bytes() for sub in part.get_payload())
+        else:
+            data = part.get_payload(decode=True) or b""
+        name = _attachment_name(part, len(attachments))
+        content_id = part.get("Content-ID")
+        if content_id:
+            content_id = str(content_id).strip()
+            if not content_id.startswith("<"):
+                content_id = f"<{content_id}>"
+        attachments.append(mail.Attachment(name, data, content_id=content_id or None))
+    if not bodies:
+        bodies["body"] = ""
+    return bodies, attachments
+
+
+def parse_message(raw: bytes) -> Message:
+    """Parse the message bytes; refuse what is not an email message."""
+    if b"\x00" in raw[:4096]:
+        raise BadRequest("msg is binary data, not an RFC 2822 message")
+    try:
+        message = BytesParser(policy=policy.default).parsebytes(raw)
+    except Exception as exc:  # the parser has no error type of its own
+        raise BadRequest(f"msg is not a parseable email message ({type(exc).__name__})") from None
+    if not message.keys():
+        raise BadRequest("msg has no headers: it is not an RFC 2822 message")
+    return message
+
+
+class Outgoing:
+    """What the Mail API will be asked to send, built from a parsed message."""
+
+    def __init__(self, message: Message, max_recipients: int):
+        try:
+            self.sender = (_addresses(message, "From") or [None])[0]
+            reply_to = _addresses(message, "Reply-To")
+            self.reply_to = reply_to[0] if reply_to else None
+            self.recipients = {h: _addresses(message, h) for h in ("To", "Cc", "Bcc")}
+            subject = message.get("Subject")
+            self.subject = header_text(subject) if subject is not None else ""
+            self.headers = {
+                name: header_text(message[name])
+                for name in mail.HEADER_WHITELIST
+                if message[name] is not None
+            }
+            self.bodies, self.attachments = _bodies_and_attachments(message)
+        except HTTPError:
+            raise
+        except (ValueError, TypeError, LookupError, IndexError, AttributeError) as exc:
+            # Hostile structure the email package could not make sense of.
+            raise BadRequest(f"msg could not be read as an email message ({type(exc).__name__})") from None
+        count = sum(len(v) for v in self.recipients.values())
+        if count == 0:
+            raise BadRequest("message has no recipients in To, Cc or Bcc")
+        if count > max_recipients:
+            raise BadRequest(f"message has {count} recipients, more than the limit of {max_recipients}")
+
+    def to_email_message(self, sender: str, reply_to: Optional[str]) -> "RenderedEmailMessage":
+        fields = {"sender": sender, "subject": self.subject, **self.bodies}
+        fields.update({h.lower(): v for h, v in self.recipients.items() if v})
+        if reply_to:
+            fields["reply_to"] = reply_to
+        if self.headers:
+            fields["headers"] = self.headers
+        if self.attachments:
+            fields["attachments"] = self.attachments
+        return RenderedEmailMessage(**fields)
+
+
+# ---------------------------------------------------------------------------
+# Rendering: what the recipient gets outside App Engine (SMTP mode, outbox)
+# ---------------------------------------------------------------------------
+
+
+def render_mime(proto) -> Message:
+    """Render a MailMessage proto as the SDK does, minus the SDK's SMTP-mode traps.
+
+    The SDK leaves attachment bytes without a transfer encoding (line endings are
+    rewritten on the wire), writes an empty Reply-To, and adds no Date or
+    Message-ID; the Mail API does all three right, so this does too.
+    """
+    mime = mail.mail_message_to_mime_message(proto)
+    if not proto.ReplyTo:
+        del mime["Reply-To"]
+    for part in mime.get_payload()[1:]:
+        email.encoders.encode_base64(part)
+    mime["Date"] = email.utils.formatdate(localtime=False)
+    mime["Message-ID"] = email.utils.make_msgid(domain="appengine-mailer.invalid")
+    return mime
+
+
+class RenderedEmailMessage(mail.EmailMessage):
+    """The SDK's EmailMessage, rendered by render_mime when the SDK sends over SMTP."""
+
+    def to_mime_message(self):
+        return render_mime(self.ToProto())
+
+
+class MaildirOutbox:
+    """A `mail` service stub that files each message into a Maildir, as the Mail API renders it.
+
+    The embedded default for running outside App Engine: any mail client can open
+    the folder.  File names come from mailbox.Maildir (time, pid, host), never from
+    the message.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def MakeSyncCall(self, service, call, request, response):
+        if call not in ("Send", "SendToAdmins"):
+            raise apiproxy_errors.CallNotFoundError(f"{service}.{call}")
+        mime = render_mime(request)
+        recipients = list(request.To) + list(request.Cc) + list(request.Bcc)
+        mime["X-Envelope-To"] = ", ".join(recipients)
+        with self._lock:
+            mailbox.Maildir(self.path, create=True).add(mime.as_bytes())
+
+
+def install_outbox(path: Path) -> bool:
+    """Register the Maildir outbox for `mail` unless a stub is already there."""
+    if "mail" in apiproxy_stub_map.apiproxy._CopyStubMap():
+        return False
+    apiproxy_stub_map.apiproxy.RegisterStub("mail", MaildirOutbox(path))
+    return True
+
+
+def delivery_mode() -> str:
+    """Say where send() goes now, for the health page and the start-up line."""
+    if smtp_mode():
+        return "smtp"
+    stub = apiproxy_stub_map.apiproxy.GetStub("mail")
+    if isinstance(stub, MaildirOutbox):
+        return "outbox"
+    if on_app_engine():
+        return "mail-api"
+    return "stub" if stub else "none"
+
+
+# ---------------------------------------------------------------------------
+# The WSGI application
+# ---------------------------------------------------------------------------
+
+
+class Mailer:
+    """The WSGI callable: POST / sends, GET / reports health."""
+
+    def __init__(self, keys: list[bytes], default_sender: Optional[str] = None, *,
+                 max_body: int = MAX_BODY_BYTES, max_recipients: int = DEFAULT_MAX_RECIPIENTS):
+        self.keys = [k if isinstance(k, bytes) else k.encode("utf-8") for k in keys]
+        self.default_sender = default_sender
+        self.max_body = max_body
+        self.max_recipients = max_recipients
+
+    def __call__(self, environ: dict, start_response: Callable):
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            if environ.get("PATH_INFO", "/") not in ("", "/"):
+                raise NotFound("not found: the proxy serves only /")
+            if method in ("GET", "HEAD"):
+                return self._respond(start_response, "200 OK", self.health(), "application/json", method)
+            if method != "POST":
+                raise MethodNotAllowed(f"method {method} is not allowed: POST a message to /")
+            self.handle_post(environ)
+        except HTTPError as err:
+            return self._respond(start_response, err.status, err.reason + "\n", "text/plain; charset=utf-8",
+                                 method, err.headers)
+        start_response("204 No Content", [])
+        return []
+
+    @staticmethod
+    def _respond(start_response, status, text, content_type, method, headers=()):
+        body = text.encode("utf-8")
+        start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers])
+        return [] if method == "HEAD" else [body]
+
+    def health(self) -> str:
+        return json.dumps({
+            "service": "appengine-mailer",
+            "version": __version__,
+            "keys": len(self.keys),
+            "default_sender": bool(self.default_sender),
+            "delivery": delivery_mode(),
+        }) + "\n"
+
+    def handle_post(self, environ: dict) -> None:
+        content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        if content_type != "application/x-www-form-urlencoded":
+            raise UnsupportedMediaType(
+                f"content type {content_type or 'missing'!r}: send application/x-www-form-urlencoded")
+        body = read_body(environ, self.max_body)
+        try:
+            self.send(parse_form(body))
+        except HTTPError as err:
+            log.info("refused: %s (%s) size=%d", err.status, err.reason, len(body))
+            raise
+
+    def send(self, form: dict[str, bytes]) -> None:
+        """Check, convert and send one message; raise HTTPError for any refusal."""
+        msg, signature = form.get("msg"), form.get("signature")
+        if not msg:
+            raise BadRequest("missing or empty field 'msg'")
+        if not signature:
+            raise BadRequest("missing or empty field 'signature'")
+        fix_sender = _flag(form, "fix_sender")
+        if not self.keys:
+            raise ServiceUnavailable("the proxy has no secret key configured (set GMAIL_SECRET_KEY)")
+        check_signature(self.keys, msg, signature)
+        outgoing = Outgoing(parse_message(msg), self.max_recipients)
+        sender, reply_to = outgoing.sender, outgoing.reply_to
+        if sender is None:
+            if not fix_sender:
+                raise BadRequest("message has no From address (send with fix_sender to use the default sender)")
+            sender = self._default_sender_or_refuse("message has no From address")
+        try:
+            self._deliver(outgoing, sender, reply_to)
+        except mail_errors.InvalidSenderError as exc:
+            if not fix_sender or str(exc).startswith("SMTP authentication failed"):
+                raise http_error_for_send_failure(exc) from None
+            fallback = self._default_sender_or_refuse(f"sender {sender!r} is not authorized")
+            self._deliver(outgoing, fallback, reply_to or sender)
+            sender = fallback
+        log.info("sent: size=%d recipients=%d attachments=%d",
+                 len(msg), sum(map(len, outgoing.recipients.values())), len(outgoing.attachments))
+
+    def _default_sender_or_refuse(self, why: str) -> str:
+        if not self.default_sender:
+            raise BadRequest(f"{why} and the proxy has no default sender (GMAIL_DEFAULT_SENDER)")
+        return self.default_sender
+
+    def _deliver(self, outgoing: Outgoing, sender: str, reply_to: Optional[str]) -> None:
+        try:
+            message = outgoing.to_email_message(sender, reply_to)
+            message.send()
+        except mail_errors.InvalidSenderError:
+            raise
+        except Exception as exc:
+            raise http_error_for_send_failure(exc) from None
+
+
+def make_app(keys: Iterable, default_sender: Optional[str] = None, **limits) -> Mailer:
+    """Build the WSGI app from explicit settings, for embedding and tests.
+
+    The app sends through whatever `mail` stub is registered in apiproxy_stub_map.
+    """
+    return Mailer(list(keys), default_sender, **limits)
+
+
+def app_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> Mailer:
+    """Build the app from the environment and key files, setting up local delivery.
+
+    Outside App Engine and SMTP mode this registers the Maildir outbox (never
+    replacing a registered stub).  In SMTP mode it bounds how long a hung SMTP
+    server can hold a request, since the SDK opens its connection with no timeout.
+    """
+    environ = os.environ if environ is None else environ
+    if smtp_mode(environ):
+        if socket.getdefaulttimeout() is None:
+            socket.setdefaulttimeout(float(environ.get("GMAIL_SMTP_TIMEOUT", DEFAULT_SMTP_TIMEOUT)))
+    elif not on_app_engine(environ):
+        install_outbox(Path(environ.get("GMAIL_OUTBOX", root / "outbox")))
+    limits = {}
+    if environ.get("GMAIL_MAX_RECIPIENTS"):
+        limits["max_recipients"] = int(environ["GMAIL_MAX_RECIPIENTS"])
+    return make_app(keys_from_environment(environ, root), default_sender_from_environment(environ, root), **limits)
+
+
+app = app_from_environment()
+
+
+# ---------------------------------------------------------------------------
+# Local server
+# ---------------------------------------------------------------------------
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def create_dev_key(path: Path) -> bytes:
+    """Write a random development key, readable by its owner only."""
+    key = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key + b"\n")
+    return key
+
+
+def _print_try_it(host: str, port: int) -> None:
+    url = f"http://{host}:{port}/"
+    key_file = HERE / "keys" / "GMAIL_SECRET_KEY"
+    print(f"Send a test message (it lands in {HERE / 'outbox'} with the default delivery):\n"
+          f"  echo 'Hello from appengine-mailer' | {sys.executable} {HERE / 'gmail.py'} "
+          f"--url {url} --key-file {key_file} -s 'Test message' -r sender@example.com you@example.com",
+          flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Serve the appengine-mailer proxy with a threaded stdlib WSGI server.",
+        epilog="Keys come from env GMAIL_SECRET_KEY (one per line) or keys/GMAIL_SECRET_KEY; "
+               "GMAIL_DEFAULT_SENDER is optional. Set APPENGINE_USE_SMTP_MAIL_SERVICE=true and "
+               "APPENGINE_SMTP_HOST/PORT/USER/PASSWORD/USE_TLS to deliver through SMTP; otherwise "
+               "messages land in the Maildir outbox/ (GMAIL_OUTBOX).")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument("--create-dev-key", action="store_true",
+                        help="if no key is configured, create a random one in keys/GMAIL_SECRET_KEY")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    application = app
+    if not application.keys and args.create_dev_key:
+        create_dev_key(HERE / "keys" / "GMAIL_SECRET_KEY")
+        application = app_from_environment()
+    if not application.keys:
+        print("mailer.py: no secret key configured: set GMAIL_SECRET_KEY (one key per line) "
+              "or write keys/GMAIL_SECRET_KEY", file=sys.stderr)
+        return 78
+    try:
+        server = make_server(args.host, args.port, application,
+                             server_class=ThreadingWSGIServer, handler_class=WSGIRequestHandler)
+    except OSError as exc:
+        print(f"mailer.py: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 71
+    print(f"appengine-mailer {__version__} on http://{args.host}:{server.server_port}/ "
+          f"({len(application.keys)} key(s), delivery: {delivery_mode()})", flush=True)
+    if args.create_dev_key:
+        _print_try_it(args.host, server.server_port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Shared fixtures: a real SMTP sink, a recording `mail` stub and real server processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlencode
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# Importing mailer must not file test mail into the repository's outbox.
+os.environ.setdefault("GMAIL_OUTBOX", str(ROOT / ".pytest_cache" / "outbox"))
+
+import gmail  # noqa: E402
+
+KEY = b"test-key-0123456789abcdef"
+OTHER_KEY = b"another-key-9876543210fedcba"
+
+
+def sign(msg: bytes, key: bytes = KEY) -> str:
+    return gmail.sign_v1(key, msg)
+
+
+def form(msg: bytes, key: bytes = KEY, **extra) -> bytes:
+    """The urlencoded body a client POSTs for msg."""
+    return urlencode({"msg": msg, "signature": sign(msg, key), **extra}).encode("ascii")
+
+
+# --------------------------------------------------------------------------- SMTP sink
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Envelope:
+    mail_from: str
+    rcpt_tos: list
+    content: bytes
+
+    @property
+    def message(self):
+        """The message as a mail client reads it: SMTP's CRLF line ends made local."""
+        return message_from_bytes(self.content.replace(b"\r\n", b"\n"), policy=policy.default)
+
+
+@dataclass
+class SMTPSink:
+    host: str
+    port: int
+    received: list = field(default_factory=list)
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return list(self.received)
+
+
+class _Handler:
+    def __init__(self, sink: SMTPSink):
+        self.sink = sink
+
+    async def handle_DATA(self, server, session, envelope):
+        self.sink.received.append(Envelope(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_sink():
+    """A real SMTP server on loopback that keeps every message it is given."""
+    from aiosmtpd.controller import Controller
+
+    sink = SMTPSink("127.0.0.1", free_port())
+    controller = Controller(_Handler(sink), hostname=sink.host, port=sink.port, data_size_limit=64 * 1024 * 1024)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
+
+
+# --------------------------------------------------------------------------- recording mail stub
+
+
+class RecordingMailStub:
+    """A `mail` service stub that keeps each request proto, or fails as told."""
+
+    def __init__(self):
+        self.sent = []
+        self.fail_with = None  # an exception to raise, or callable(request) -> exception|None
+        self.lock = threading.Lock()
+
+    def MakeSyncCall(self, service, call, request, response):
+        failure = self.fail_with(request) if callable(self.fail_with) else self.fail_with
+        if failure is not None:
+            raise failure
+        copy = type(request)()
+        copy.CopyFrom(request)
+        with self.lock:
+            self.sent.append(copy)
+
+
+@pytest.fixture
+def mail_stub():
+    from google.appengine.api import apiproxy_stub_map
+
+    stub = RecordingMailStub()
+    previous = apiproxy_stub_map.apiproxy.GetStub("mail")
+    apiproxy_stub_map.apiproxy.ReplaceStub("mail", stub)
+    try:
+        yield stub
+    finally:
+        apiproxy_stub_map.apiproxy.ReplaceStub("mail", previous)
+
+
+# --------------------------------------------------------------------------- server process
+
+
+class ServerProcess:
+    """`python mailer.py` running for real, on a free port."""
+
+    def __init__(self, env: dict, cwd: Path = ROOT, args=()):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "mailer.py"), "--host", "127.0.0.1", "--port", "0", *args],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()!r}")
+        self.url = f"http://127.0.0.1:{match.group(1)}/"
+        self.banner = line
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        self.log_lines: list[str] = []
+        threading.Thread(target=self._collect_stderr, daemon=True).start()
+
+    def _collect_stderr(self):
+        for line in self.proc.stderr:
+            self.log_lines.append(line)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def server_env(tmp_path: Path, smtp: Optional[SMTPSink] = None, keys=(KEY,), **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GMAIL_", "APPENGINE_", "GAE_"))}
+    env["GMAIL_SECRET_KEY"] = "\n".join(k.decode() for k in keys)
+    env["GMAIL_OUTBOX"] = str(tmp_path / "outbox")
+    if smtp is not None:
+        env.update(APPENGINE_USE_SMTP_MAIL_SERVICE="true", APPENGINE_SMTP_HOST=smtp.host,
+                   APPENGINE_SMTP_PORT=str(smtp.port), APPENGINE_SMTP_USE_TLS="false")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start real mailer.py processes; all are stopped at the end of the test."""
+    started = []
+
+    def start(env: Optional[dict] = None, **kw) -> ServerProcess:
+        server = ServerProcess(env or server_env(tmp_path), **kw)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def smtp_server(start_server, smtp_sink, tmp_path):
+    """A real mailer.py in the SDK's SMTP mode, delivering into smtp_sink."""
+    server = start_server(server_env(tmp_path, smtp_sink, GMAIL_DEFAULT_SENDER="default@example.com"))
+    server.sink = smtp_sink
+    return server
