@@ -195,3 +195,12 @@ def smtp_server(start_server, smtp_sink, tmp_path):
     server = start_server(server_env(tmp_path, smtp_sink, GMAIL_DEFAULT_SENDER="default@example.com"))
     server.sink = smtp_sink
     return server
+
+
+@pytest.fixture
+def reference_server():
+    from reference_server import ReferenceServer
+
+    server = ReferenceServer(KEY)
+    yield server
+    server.stop()

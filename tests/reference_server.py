@@ -1,0 +1,78 @@
+"""A reference proxy written only from the documented interface, not from mailer.py.
+
+POST / with urlencoded `msg` and `signature` = base64(HMAC-SHA1(key, msg)); 204 when
+the signature matches, 400 with a reason otherwise.  It records what it accepted and
+how many connections it saw, and can be told to answer with another status.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+
+class ReferenceServer:
+    def __init__(self, key: bytes):
+        self.key = key
+        self.accepted: list[dict] = []
+        self.connections = 0
+        self.requests = 0
+        self.force_status: int | None = None
+        self.force_reason = "forced failure"
+        self.close_after_each = False
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                server.connections += 1
+
+            def log_message(self, *args):
+                pass
+
+            def answer(self, status: int, text: str = ""):
+                body = text.encode()
+                self.send_response(status)
+                if body:
+                    self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                if server.close_after_each:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                server.requests += 1
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                # latin-1 maps each percent-decoded byte to one character and back.
+                fields = parse_qs(body.decode("ascii"), keep_blank_values=True, encoding="latin-1")
+                if server.force_status:
+                    return self.answer(server.force_status, server.force_reason)
+                if "msg" not in fields or "signature" not in fields:
+                    return self.answer(400, "missing parameters")
+                msg = fields["msg"][0].encode("latin-1")
+                expected = base64.b64encode(hmac.new(server.key, msg, hashlib.sha1).digest())
+                if not hmac.compare_digest(expected, fields["signature"][0].strip().encode("latin-1")):
+                    return self.answer(400, "malformed signature")
+                server.accepted.append({"msg": msg, **{k: v[0] for k, v in fields.items() if k != "msg"}})
+                self.answer(204)
+
+        return Handler
