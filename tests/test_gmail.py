@@ -315,8 +315,10 @@ def test_cli_refused_by_real_proxy_exits_65(smtp_server, lone_client, clean_env)
 def _old_pythons():
     found = []
     for version in ("3.9", "3.10"):
-        path = shutil.which(f"python{version}") or next(
-            iter(sorted(Path("/root/.pyenv/versions").glob(f"{version}.*/bin/python"))), None)
+        candidates = [*sorted(Path("/root/.pyenv/versions").glob(f"{version}.*/bin/python")),
+                      shutil.which(f"python{version}")]
+        path = next((c for c in candidates if c and subprocess.run(
+            [str(c), "--version"], capture_output=True).returncode == 0), None)
         found.append(pytest.param(path, id=version, marks=pytest.mark.skipif(
             path is None, reason=f"no Python {version} interpreter on this machine")))
     return found
