@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = parser.add_argument_group("proxy options")
     proxy.add_argument("--url", help="proxy URL (default: GMAIL_PROXY_URL)")
     proxy.add_argument("--key-file", metavar="FILE", help="file holding the secret key (default: GMAIL_SECRET_KEY)")
+    proxy.add_argument("--envdir", default=ENVDIR, metavar="DIR",
+                       help=f"folder of setting files, used when the environment has none (default {ENVDIR})")
     proxy.add_argument("--fix-sender", action="store_true",
                        help="let the proxy send from its default sender when the From is refused")
     proxy.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the proxy")
@@ -434,7 +436,7 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
         if mail_mode and not args.recipients:
             raise UsageError("-s, -c, -b, -a and -r need at least one RECIPIENT")
         fix_sender = args.fix_sender or (mail_mode and not (args.sender or args.envelope_sender))
-        with GmailProxy(key, args.url, fix_sender=fix_sender, timeout=args.timeout) as proxy:
+        with GmailProxy(key, args.url, fix_sender=fix_sender, timeout=args.timeout, envdir=args.envdir) as proxy:
             if args.recipients and (mail_mode or not _looks_like_sendmail_call(args)):
                 raw = message_bytes(build_message(args, _read_stdin(stdin)))
                 envelope = []
