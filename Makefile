@@ -1,23 +1,46 @@
-# The two commands: `make run` and `make test`. Both create .venv and install what they need.
+# The two commands: `make run` and `make test`. Both create their virtualenvs and install what they need.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
+PIP_INSTALL = -m pip install --quiet --disable-pip-version-check
 
-.PHONY: run test clean
+# The second test leg: the newest Python here that is 3.12+ (App Engine runs 3.13; Django 6 needs 3.12+).
+PYTHON_NEW ?= $(shell for p in python3.13 python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python \
+	$${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python; do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
+VENV_NEW ?= .venv-new
+STAMP_NEW := $(VENV_NEW)/.installed
+
+.PHONY: run test test-main test-new clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -e '.[test]'
+	$(PY) $(PIP_INSTALL) -r requirements.txt -e '.[test]' 'django>=5.2,<6'
+	touch $@
+
+$(STAMP_NEW): pyproject.toml requirements.txt
+	$(PYTHON_NEW) -m venv $(VENV_NEW)
+	$(VENV_NEW)/bin/python $(PIP_INSTALL) -r requirements.txt -e '.[test]' 'django>=6,<7'
 	touch $@
 
 run: $(STAMP)
 	$(PY) mailer.py --host $(HOST) --port $(PORT) --create-dev-key
 
-test: $(STAMP)
+test: test-main test-new
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q
 
+ifeq ($(PYTHON_NEW),)
+test-new:
+	@echo "SKIPPED the Python 3.12+/Django 6 leg: no python3.12 or newer on this machine (set PYTHON_NEW=...)"
+else
+test-new: $(STAMP_NEW)
+	$(VENV_NEW)/bin/python -m pytest -q -p no:cacheprovider
+endif
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(VENV_NEW) .pytest_cache .hypothesis *.egg-info

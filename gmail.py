@@ -175,6 +175,23 @@ class GmailProxy:
                 self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         return self._conn
 
+    def open(self) -> bool:
+        """Connect now rather than at the first send; True if a new connection was made.
+
+        Raises MessageSendingFailure when the proxy cannot be reached (or returns
+        False with fail_silently).
+        """
+        if self._conn is not None and self._conn.sock is not None:
+            return False
+        try:
+            self._connection().connect()
+        except OSError as exc:
+            self.close()
+            if self.fail_silently:
+                return False
+            raise MessageSendingFailure(f"could not reach the proxy at {self._host}: {_describe(exc)}") from exc
+        return True
+
     def close(self) -> None:
         """Close the kept-alive connection, if any; sending again reopens one."""
         if self._conn is not None:

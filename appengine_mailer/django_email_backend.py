@@ -1,0 +1,100 @@
+"""Django email backend that sends through an appengine-mailer proxy.
+
+    EMAIL_BACKEND = "appengine_mailer.django_email_backend.GmailBackend"
+    EMAIL_APPENGINE_PROXY_URL = "https://your-app.appspot.com/"
+    EMAIL_APPENGINE_SECRET_KEY = "..."      # optional: defaults to SECRET_KEY
+    EMAIL_APPENGINE_FIX_SENDER = False      # optional
+    EMAIL_TIMEOUT = 30                      # optional
+
+It follows Django's backend contract: open()/close() (or ``with``) keep one
+kept-alive connection for many messages, send_messages() returns how many were
+sent, and fail_silently swallows sending failures but never a missing setting.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail.backends.base import BaseEmailBackend
+
+import gmail
+
+_MISSING = object()
+
+
+class GmailBackend(BaseEmailBackend):
+    """Send each Django EmailMessage, Bcc included, as one signed POST to the proxy."""
+
+    def __init__(self, proxy_url=None, secret_key=None, fix_sender=None, timeout=None, fail_silently=False,
+                 **kwargs):
+        # Django passes `alias` (6.x) here and rejects unknown options itself.
+        super().__init__(**kwargs)
+        self.fail_silently = fail_silently
+        self.proxy_url = proxy_url or self._setting("EMAIL_APPENGINE_PROXY_URL")
+        self.secret_key = secret_key or getattr(settings, "EMAIL_APPENGINE_SECRET_KEY", None) \
+            or self._setting("SECRET_KEY", "EMAIL_APPENGINE_SECRET_KEY (or SECRET_KEY)")
+        self.fix_sender = bool(getattr(settings, "EMAIL_APPENGINE_FIX_SENDER", False) if fix_sender is None
+                               else fix_sender)
+        self.timeout = timeout if timeout is not None else (getattr(settings, "EMAIL_TIMEOUT", None)
+                                                            or gmail.DEFAULT_TIMEOUT)
+        self._proxy: gmail.GmailProxy | None = None
+
+    @staticmethod
+    def _setting(name: str, label: str = "") -> str:
+        value = getattr(settings, name, None)
+        if not value:
+            raise ImproperlyConfigured(f"GmailBackend needs the setting {label or name}")
+        return value
+
+    def open(self) -> bool:
+        """Connect to the proxy; True only if this call opened the connection."""
+        if self._proxy is not None:
+            return False
+        proxy = gmail.GmailProxy(self.secret_key, self.proxy_url, fix_sender=self.fix_sender,
+                                 fail_silently=False, timeout=self.timeout)
+        try:
+            proxy.open()
+        except gmail.MessageSendingFailure:
+            if not self.fail_silently:
+                raise
+            return False
+        self._proxy = proxy
+        return True
+
+    def close(self) -> None:
+        if self._proxy is not None:
+            proxy, self._proxy = self._proxy, None
+            proxy.close()
+
+    def send_messages(self, email_messages) -> int:
+        """Send the messages over one connection; return how many the proxy accepted."""
+        if not email_messages:
+            return 0
+        opened = self.open()
+        if self._proxy is None:
+            return 0
+        sent = 0
+        try:
+            for message in email_messages:
+                if not message.recipients():
+                    continue
+                try:
+                    self._proxy.send_mail(self.serialize(message))
+                except gmail.MessageSendingFailure:
+                    if not self.fail_silently:
+                        raise
+                    continue
+                sent += 1
+        finally:
+            if opened:
+                self.close()
+        return sent
+
+    @staticmethod
+    def serialize(message) -> bytes:
+        """The bytes to send: Django's rendering plus a Bcc header, which the proxy delivers and removes."""
+        mime = message.message()
+        if message.bcc:
+            del mime["Bcc"]
+            mime["Bcc"] = ", ".join(message.bcc)
+        return gmail.message_bytes(mime)

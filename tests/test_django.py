@@ -1,0 +1,142 @@
+"""GmailBackend through Django's own mail API, into the real proxy and an SMTP server."""
+
+from __future__ import annotations
+
+import warnings
+from email.mime.image import MIMEImage
+
+import pytest
+
+django = pytest.importorskip("django")
+from django.conf import settings  # noqa: E402
+
+DJANGO_SECRET = "django-project-secret-key-used-for-signing"
+if not settings.configured:
+    warnings.simplefilter("ignore", PendingDeprecationWarning)
+    settings.configure(SECRET_KEY=DJANGO_SECRET, EMAIL_BACKEND="appengine_mailer.django_email_backend.GmailBackend",
+                       DEFAULT_FROM_EMAIL="webmaster@example.com", USE_TZ=True)
+    django.setup()
+
+from django.core import mail  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.test import override_settings  # noqa: E402
+
+import gmail  # noqa: E402
+from appengine_mailer.django_email_backend import GmailBackend  # noqa: E402
+from conftest import KEY, free_port, server_env  # noqa: E402
+
+# Django 6.1 deprecates EMAIL_BACKEND and get_connection() in favour of MAILERS; the
+# documented settings still work until Django 2028, and these tests use them on purpose.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")]
+
+
+@pytest.fixture
+def proxy(start_server, smtp_sink, tmp_path):
+    """The real proxy, trusting Django's SECRET_KEY, delivering into smtp_sink."""
+    server = start_server(server_env(tmp_path, smtp_sink, keys=(DJANGO_SECRET.encode(),)))
+    server.sink = smtp_sink
+    with override_settings(EMAIL_APPENGINE_PROXY_URL=server.url):
+        yield server
+
+
+def by_recipient(received):
+    return {rcpt: env for env in received for rcpt in env.rcpt_tos}
+
+
+def test_send_mail(proxy):
+    assert mail.send_mail("Hello", "Body text\n", "from@example.com", ["to@example.com"]) == 1
+    [env] = proxy.sink.wait_for(1)
+    assert env.mail_from == "from@example.com" and env.rcpt_tos == ["to@example.com"]
+    assert env.message["Subject"] == "Hello"
+    assert env.message.get_body(("plain",)).get_content().strip() == "Body text"
+
+
+def test_send_mass_mail(proxy):
+    datatuple = [(f"Mass {i}", f"Body {i}", "from@example.com", [f"r{i}@example.com"]) for i in range(3)]
+    assert mail.send_mass_mail(datatuple) == 3
+    received = proxy.sink.wait_for(3)
+    assert sorted(env.message["Subject"] for env in received) == ["Mass 0", "Mass 1", "Mass 2"]
+
+
+def test_everything_django_expresses_arrives(proxy):
+    msg = mail.EmailMultiAlternatives(
+        "Grüße", "Plain text\n", "Sender Näme <from@example.com>", ["to@example.com"],
+        cc=["cc@example.com"], bcc=["hidden@example.com"], reply_to=["replies@example.com"],
+        headers={"In-Reply-To": "<earlier@example.com>", "X-Not-Allowed": "dropped"})
+    msg.attach_alternative("<p>HTML <img src='cid:logo'></p>", "text/html")
+    msg.attach("report.pdf", b"%PDF-1.4\x00\xff binary", "application/pdf")
+    logo = MIMEImage(b"\x89PNG\r\n\x1a\nfakepng", "png")
+    logo.add_header("Content-ID", "<logo>")
+    logo.add_header("Content-Disposition", "inline", filename="logo.png")
+    msg.attach(logo)
+    assert msg.send() == 1
+    received = proxy.sink.wait_for(1)
+    [env] = received
+    assert sorted(env.rcpt_tos) == ["cc@example.com", "hidden@example.com", "to@example.com"]
+    got = env.message
+    assert b"hidden@example.com" not in env.content
+    assert got["Subject"] == "Grüße" and got["From"].addresses[0].display_name == "Sender Näme"
+    assert got["Reply-To"] == "replies@example.com" and got["In-Reply-To"] == "<earlier@example.com>"
+    assert "X-Not-Allowed" not in got
+    assert "<p>HTML" in got.get_body(("html",)).get_content()
+    parts = {p.get_filename(): p for p in got.walk() if p.get_filename()}
+    assert parts["report.pdf"].get_content() == b"%PDF-1.4\x00\xff binary"
+    assert parts["logo.png"]["Content-ID"] == "<logo>"
+    assert parts["logo.png"].get_content() == b"\x89PNG\r\n\x1a\nfakepng"
+
+
+def test_fail_silently_returns_count_and_never_raises():
+    with override_settings(EMAIL_APPENGINE_PROXY_URL=f"http://127.0.0.1:{free_port()}/"):
+        connection = mail.get_connection(fail_silently=True)
+        assert mail.EmailMessage("s", "b", "f@example.com", ["t@example.com"], connection=connection).send() == 0
+        with pytest.raises(gmail.MessageSendingFailure, match="could not reach"):
+            mail.send_mail("s", "b", "f@example.com", ["t@example.com"])
+
+
+def test_refusal_raises_unless_silent(reference_server):
+    reference_server.force_status, reference_server.force_reason = 400, "no recipients"
+    with override_settings(EMAIL_APPENGINE_PROXY_URL=reference_server.url, EMAIL_APPENGINE_SECRET_KEY=KEY.decode()):
+        with pytest.raises(gmail.MessageSendingFailure, match="400 no recipients"):
+            mail.send_mail("s", "b", "f@example.com", ["t@example.com"])
+        messages = [mail.EmailMessage("s", "b", "f@example.com", ["t@example.com"]) for _ in range(2)]
+        assert mail.get_connection(fail_silently=True).send_messages(messages) == 0
+
+
+def test_missing_setting_is_improperly_configured_even_when_silent():
+    with override_settings(EMAIL_APPENGINE_PROXY_URL=None):
+        with pytest.raises(ImproperlyConfigured, match="EMAIL_APPENGINE_PROXY_URL"):
+            mail.get_connection(fail_silently=True)
+
+
+def test_own_secret_key_setting_and_fix_sender(reference_server):
+    with override_settings(EMAIL_APPENGINE_PROXY_URL=reference_server.url, EMAIL_APPENGINE_SECRET_KEY=KEY.decode(),
+                           EMAIL_APPENGINE_FIX_SENDER=True):
+        assert mail.send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1
+    assert reference_server.accepted[0]["fix_sender"] == "true"
+
+
+def test_connection_contract(reference_server):
+    with override_settings(EMAIL_APPENGINE_PROXY_URL=reference_server.url, EMAIL_APPENGINE_SECRET_KEY=KEY.decode()):
+        backend = GmailBackend()
+        backend.close()  # safe when nothing is open
+        assert backend.send_messages([]) == 0
+        assert backend.open() is True and backend.open() is False
+        messages = [mail.EmailMessage(f"m{i}", "b", "f@example.com", ["t@example.com"]) for i in range(20)]
+        messages.append(mail.EmailMessage("nobody", "b", "f@example.com", []))
+        assert backend.send_messages(messages) == 20
+        backend.close()
+        backend.close()
+        with GmailBackend() as connection:
+            assert connection.send_messages(messages[:5]) == 5
+    assert reference_server.connections == 2 and len(reference_server.accepted) == 25
+
+
+@pytest.mark.skipif(django.VERSION < (6, 0), reason="Django 5.x passes no alias and ignores unknown options")
+def test_django6_alias_accepted_and_unknown_options_rejected(reference_server):
+    from django.core.mail import InvalidMailer
+
+    with override_settings(EMAIL_APPENGINE_PROXY_URL=reference_server.url):
+        assert GmailBackend(alias="default").alias == "default"
+        with pytest.raises(InvalidMailer, match="bogus"):
+            GmailBackend(alias="default", bogus=1)
