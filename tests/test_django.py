@@ -140,3 +140,14 @@ def test_django6_alias_accepted_and_unknown_options_rejected(reference_server):
         assert GmailBackend(alias="default").alias == "default"
         with pytest.raises(InvalidMailer, match="bogus"):
             GmailBackend(alias="default", bogus=1)
+
+
+@pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS arrived in Django 6.1")
+def test_django61_mailers_options(reference_server):
+    mailers = {"default": {"BACKEND": "appengine_mailer.django_email_backend.GmailBackend",
+                           "OPTIONS": {"proxy_url": reference_server.url, "secret_key": KEY.decode(),
+                                       "fix_sender": True}}}
+    with override_settings(MAILERS=mailers):
+        with mail.mailers["default"] as connection:
+            sent = connection.send_messages([mail.EmailMessage("s", "b", "f@example.com", ["t@example.com"])])
+    assert sent == 1 and reference_server.accepted[0]["fix_sender"] == "true"
