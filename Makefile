@@ -14,7 +14,7 @@ PYTHON_NEW ?= $(shell for p in python3.13 python3.12 $${PYENV_ROOT:-$$HOME/.pyen
 VENV_NEW ?= .venv-new
 STAMP_NEW := $(VENV_NEW)/.installed
 
-.PHONY: run test test-main test-new clean
+.PHONY: run test test-main test-new keys-new keys-list keys-retire deploy clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,21 @@ else
 test-new: $(STAMP_NEW)
 	$(VENV_NEW)/bin/python -m pytest -q -p no:cacheprovider
 endif
+
+keys-new: $(STAMP)
+	$(PY) mailer.py keys new
+
+keys-list: $(STAMP)
+	$(PY) mailer.py keys list
+
+keys-retire: $(STAMP)
+	@test -n "$(FP)" || { echo "usage: make keys-retire FP=<fingerprint from make keys-list>"; exit 64; }
+	$(PY) mailer.py keys retire $(FP)
+
+deploy:
+	@test -n "$(PROJECT)" || { echo "usage: make deploy PROJECT=<your Google Cloud project id>"; exit 64; }
+	@test -s keys/GMAIL_SECRET_KEY || { echo "no keys/GMAIL_SECRET_KEY: run make keys-new first"; exit 78; }
+	gcloud app deploy app.yaml --project "$(PROJECT)"
 
 clean:
 	rm -rf $(VENV) $(VENV_NEW) .pytest_cache .hypothesis *.egg-info

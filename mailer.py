@@ -18,10 +18,10 @@ Run locally with ``python mailer.py --host 127.0.0.1 --port 8080``.
 from __future__ import annotations
 
 import argparse
-import base64
 import binascii
 import email.encoders
 import email.utils
+import hashlib
 import hmac
 import json
 import logging
@@ -29,6 +29,7 @@ import mailbox
 import mimetypes
 import os
 import re
+import secrets
 import socket
 import socketserver
 import sys
@@ -55,6 +56,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # App Engine's own request size cap.
 MAX_FORM_FIELDS = 16
 DEFAULT_MAX_RECIPIENTS = 100
 DEFAULT_SMTP_TIMEOUT = 30.0
+MIN_KEY_LENGTH = 16
 RETRY_AFTER_SECONDS = "60"
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
@@ -144,15 +146,15 @@ def http_error_for_send_failure(exc: Exception) -> HTTPError:
 # ---------------------------------------------------------------------------
 
 
-def _setting(name: str, environ: dict, search: Iterable[Path]) -> Optional[str]:
-    """Return a setting from the environment, else from the first file that has it."""
+def _setting(name: str, environ: dict, search: Iterable[Path]) -> tuple[Optional[str], Optional[Path]]:
+    """Return a setting and the file it came from: the environment first, then the first file found."""
     if environ.get(name):
-        return environ[name]
+        return environ[name], None
     for folder in search:
         path = folder / name
         if path.is_file():
-            return path.read_text(encoding="utf-8")
-    return None
+            return path.read_text(encoding="utf-8"), path
+    return None, None
 
 
 def parse_keys(text: Optional[str]) -> list[bytes]:
@@ -162,19 +164,34 @@ def parse_keys(text: Optional[str]) -> list[bytes]:
     return [line.strip().encode("utf-8") for line in text.splitlines() if line.strip()]
 
 
+def key_fingerprint(key: bytes) -> str:
+    """A short name for a key that reveals nothing of it, for listings and logs."""
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
 def keys_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> list[bytes]:
-    """Read the secret keys: env GMAIL_SECRET_KEY, else keys/, else the original's file names."""
+    """Read the secret keys: env GMAIL_SECRET_KEY, else keys/, else the original's file names.
+
+    Warns (never failing) about a key file others can read and about short keys.
+    """
     environ = os.environ if environ is None else environ
-    keys = parse_keys(_setting("GMAIL_SECRET_KEY", environ, [root / "keys", root]))
-    if not keys:
-        keys = parse_keys(_setting("GMAIL_SECRET_KEYS", {}, [root]))
+    text, path = _setting("GMAIL_SECRET_KEY", environ, [root / "keys", root])
+    if not parse_keys(text):
+        text, path = _setting("GMAIL_SECRET_KEYS", {}, [root])
+    keys = parse_keys(text)
+    if path is not None and path.stat().st_mode & 0o077:
+        log.warning("key file %s is readable by other users: run chmod 600 %s", path, path)
+    for key in keys:
+        if len(key) < MIN_KEY_LENGTH:
+            log.warning("key %s is only %d characters long: replace it with `python mailer.py keys new`",
+                        key_fingerprint(key), len(key))
     return keys
 
 
 def default_sender_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> Optional[str]:
     """Read the optional default sender the same way as the keys."""
     environ = os.environ if environ is None else environ
-    value = _setting("GMAIL_DEFAULT_SENDER", environ, [root / "keys", root])
+    value, _ = _setting("GMAIL_DEFAULT_SENDER", environ, [root / "keys", root])
     return value.strip() or None if value else None
 
 
@@ -650,7 +667,17 @@ def app_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> M
     return make_app(keys_from_environment(environ, root), default_sender_from_environment(environ, root), **limits)
 
 
-app = app_from_environment()
+def _module_app():
+    """The app gunicorn and `python mailer.py` serve, wrapped for the bundled services on App Engine."""
+    application = app_from_environment()
+    if on_app_engine():
+        from google.appengine.api import wrap_wsgi_app
+
+        return wrap_wsgi_app(application)
+    return application
+
+
+app = _module_app()
 
 
 # ---------------------------------------------------------------------------
@@ -662,19 +689,58 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-def create_dev_key(path: Path) -> bytes:
-    """Write a random development key, readable by its owner only."""
-    key = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=")
+DEFAULT_KEY_FILE = HERE / "keys" / "GMAIL_SECRET_KEY"
+
+
+def new_key() -> bytes:
+    """A strong random key: 256 bits, URL-safe so it pastes anywhere."""
+    return secrets.token_urlsafe(32).encode("ascii")
+
+
+def write_key_file(path: Path, keys: list[bytes]) -> None:
+    """Replace the key file atomically, readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(key + b"\n")
-    return key
+        out.write(b"".join(key + b"\n" for key in keys))
+        out.flush()
+        os.fsync(out.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def keys_command(action: str, path: Path, fingerprint: Optional[str] = None) -> int:
+    """`keys new|list|retire`: manage the key file so keys rotate without refusing a message."""
+    keys = parse_keys(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if action == "new":
+        key = new_key()
+        write_key_file(path, keys + [key])
+        print(f"added key {key_fingerprint(key)} to {path} ({len(keys) + 1} valid); give it to clients:\n"
+              f"{key.decode()}")
+    elif action == "list":
+        if not keys:
+            print(f"no keys in {path}", file=sys.stderr)
+            return 66
+        for number, key in enumerate(keys, 1):
+            print(f"{key_fingerprint(key)}  {len(key):3d} characters{'  (newest)' if number == len(keys) else ''}")
+    elif action == "retire":
+        matches = [k for k in keys if key_fingerprint(k).startswith((fingerprint or "").lower())]
+        if not fingerprint or len(fingerprint) < 6 or len(matches) != 1:
+            print(f"mailer.py: {fingerprint!r} names {len(matches) if fingerprint else 0} keys; give at least 6 "
+                  f"characters of one fingerprint from `keys list`", file=sys.stderr)
+            return 65
+        if len(keys) == 1:
+            print("mailer.py: refusing to retire the only key: add a new one first (`keys new`)", file=sys.stderr)
+            return 65
+        write_key_file(path, [k for k in keys if k is not matches[0]])
+        print(f"retired key {key_fingerprint(matches[0])}; {len(keys) - 1} valid key(s) left in {path}")
+    return 0
 
 
 def _print_try_it(host: str, port: int) -> None:
     url = f"http://{host}:{port}/"
-    key_file = HERE / "keys" / "GMAIL_SECRET_KEY"
+    key_file = DEFAULT_KEY_FILE
     print(f"Send a test message (it lands in {HERE / 'outbox'} with the default delivery):\n"
           f"  echo 'Hello from appengine-mailer' | {sys.executable} {HERE / 'gmail.py'} "
           f"--url {url} --key-file {key_file} -s 'Test message' -r sender@example.com you@example.com",
@@ -692,11 +758,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     parser.add_argument("--create-dev-key", action="store_true",
                         help="if no key is configured, create a random one in keys/GMAIL_SECRET_KEY")
+    commands = parser.add_subparsers(dest="command", metavar="{keys}")
+    keys = commands.add_parser("keys", help="manage the secret keys (new, list, retire)",
+                               description="Rotate keys without downtime: `keys new`, deploy, switch the "
+                                           "clients, `keys retire OLD`, deploy.")
+    keys.add_argument("action", choices=["new", "list", "retire"])
+    keys.add_argument("fingerprint", nargs="?", help="with retire: the fingerprint shown by `keys list`")
+    keys.add_argument("--file", type=Path, default=DEFAULT_KEY_FILE, help=f"key file (default {DEFAULT_KEY_FILE})")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return keys_command(args.action, args.file, args.fingerprint)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     application = app
     if not application.keys and args.create_dev_key:
-        create_dev_key(HERE / "keys" / "GMAIL_SECRET_KEY")
+        write_key_file(DEFAULT_KEY_FILE, [new_key()])
         application = app_from_environment()
     if not application.keys:
         print("mailer.py: no secret key configured: set GMAIL_SECRET_KEY (one key per line) "

@@ -134,9 +134,9 @@ def mail_stub():
 class ServerProcess:
     """`python mailer.py` running for real, on a free port."""
 
-    def __init__(self, env: dict, cwd: Path = ROOT, args=()):
+    def __init__(self, env: dict, cwd: Path = ROOT, args=(), script: Path = ROOT / "mailer.py"):
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "mailer.py"), "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0", *args],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -147,7 +147,8 @@ class ServerProcess:
         self.banner = line
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         self.log_lines: list[str] = []
-        threading.Thread(target=self._collect_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._collect_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def _collect_stderr(self):
         for line in self.proc.stderr:
@@ -161,6 +162,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._stderr_reader.join(5)
 
 
 def server_env(tmp_path: Path, smtp: Optional[SMTPSink] = None, keys=(KEY,), **extra) -> dict:
