@@ -24,6 +24,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
@@ -32,12 +33,16 @@ from typing import Optional, Union
 from urllib.parse import urlencode, urlsplit
 
 __version__ = "2.0.0"
-__all__ = ["GmailProxy", "MessageSendingFailure", "ConfigurationError", "sign_v1", "main"]
+__all__ = ["GmailProxy", "MessageSendingFailure", "ConfigurationError", "sign_v1", "sign_v2", "main"]
 
 ENVDIR = "/etc/envdir"
 DEFAULT_TIMEOUT = 30.0
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 MAX_REASON_BYTES = 64 * 1024
+DEFAULT_RETRY_AFTER_SECONDS = 1.0
+MAX_RETRY_AFTER_SECONDS = 5.0
+# The server closed or reset the connection after (or while) taking the request.
+DROPPED_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 # sysexits.h
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_SOFTWARE = 0, 64, 65, 66, 70
@@ -49,14 +54,43 @@ EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
 # ---------------------------------------------------------------------------
 
 
+SIGNATURE_V2_TAG = b"appengine-mailer-v2"
+REPLAY_WINDOW_SECONDS = 300
+
+
 def sign_v1(key: bytes, msg: bytes) -> str:
     """Return the v1 signature: base64(HMAC-SHA1(key, msg)), as the original README defines it."""
     return base64.b64encode(hmac.new(key, msg, hashlib.sha1).digest()).decode("ascii")
 
 
-def encode_form(msg: bytes, key: bytes, fix_sender: bool = False) -> bytes:
-    """Return the urlencoded POST body carrying msg, its signature and the options."""
-    fields = {"msg": msg, "signature": sign_v1(key, msg)}
+def signed_bytes_v2(timestamp: str, fix_sender: bool, msg: bytes) -> bytes:
+    """Return the canonical bytes that signature v2 covers.
+
+    The tag, the timestamp and the fix_sender flag ("true"/"false") contain no
+    newline, so joining them with LF before the message is unambiguous.
+    """
+    flag = b"true" if fix_sender else b"false"
+    return b"\n".join([SIGNATURE_V2_TAG, timestamp.encode("ascii"), flag, msg])
+
+
+def sign_v2(key: bytes, timestamp: str, fix_sender: bool, msg: bytes) -> str:
+    """Return the v2 signature: lowercase hex HMAC-SHA256 over signed_bytes_v2()."""
+    return hmac.new(key, signed_bytes_v2(timestamp, fix_sender, msg), hashlib.sha256).hexdigest()
+
+
+def encode_form(msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: Optional[float] = None,
+                signature_v1: bool = True) -> bytes:
+    """Return the urlencoded POST body: msg, its signatures (v2, and v1 unless turned off), options.
+
+    Servers that predate v2 ignore its fields and check v1; newer ones check v2
+    and refuse a replay of the same request after its window.
+    """
+    stamp = str(int(time.time() if timestamp is None else timestamp))
+    fields = {"msg": msg}
+    if signature_v1:
+        fields["signature"] = sign_v1(key, msg)
+    fields["timestamp"] = stamp
+    fields["signature_v2"] = sign_v2(key, stamp, fix_sender, msg)
     if fix_sender:
         fields["fix_sender"] = "true"
     return urlencode(fields).encode("ascii")
@@ -143,7 +177,7 @@ class GmailProxy:
 
     def __init__(self, secret_key: Union[str, bytes, None] = None, proxy_url: Optional[str] = None,
                  fix_sender: bool = False, fail_silently: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                 *, envdir: str = ENVDIR):
+                 *, signature_v1: bool = True, envdir: str = ENVDIR):
         if isinstance(secret_key, bytes):
             secret_key = secret_key.decode("utf-8")
         key = read_setting("GMAIL_SECRET_KEY", secret_key, envdir=envdir)
@@ -162,6 +196,7 @@ class GmailProxy:
         self.fix_sender = fix_sender
         self.fail_silently = fail_silently
         self.timeout = timeout
+        self.signature_v1 = signature_v1
         self._conn: Optional[http.client.HTTPConnection] = None
 
     # -- connection -------------------------------------------------------
@@ -217,7 +252,7 @@ class GmailProxy:
             if len(raw) > MAX_MESSAGE_BYTES:
                 raise MessageSendingFailure(f"message of {len(raw)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
                                             status=413, reason="too large")
-            self._post(encode_form(raw, self.key, self.fix_sender))
+            self._post(encode_form(raw, self.key, self.fix_sender, signature_v1=self.signature_v1))
             return True
         except MessageSendingFailure:
             if self.fail_silently:
@@ -225,25 +260,33 @@ class GmailProxy:
             raise
 
     def _post(self, body: bytes) -> None:
+        """POST the signed body; retry it once, unchanged, on a dropped connection or a 503.
+
+        Resending the same signed request is safe: a v2 server answers a repeat
+        of a request it already sent with 204 and does not send it again.
+        """
         headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": f"gmail.py/{__version__}"}
-        reused = self._conn is not None and self._conn.sock is not None
-        try:
+        for attempt in (1, 2):
             try:
-                status, reason = self._exchange(body, headers)
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                if not reused:
-                    raise
-                # The server closed the idle kept-alive connection: start a fresh one.
+                status, reason, retry_after = self._exchange(body, headers)
+            except DROPPED_CONNECTION as exc:
                 self.close()
-                status, reason = self._exchange(body, headers)
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise MessageSendingFailure(f"could not reach the proxy at {self._host}: {_describe(exc)}") from exc
-        if not 200 <= status < 300:
+                if attempt == 1:
+                    continue
+                raise MessageSendingFailure(f"the proxy at {self._host} dropped the connection: "
+                                            f"{_describe(exc)}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise MessageSendingFailure(f"could not reach the proxy at {self._host}: {_describe(exc)}") from exc
+            if 200 <= status < 300:
+                return
+            if status == 503 and attempt == 1:
+                time.sleep(min(retry_after, MAX_RETRY_AFTER_SECONDS))
+                continue
             raise MessageSendingFailure(f"the proxy refused the message: {status} {reason}".rstrip(),
                                         status=status, reason=reason)
 
-    def _exchange(self, body: bytes, headers: dict) -> tuple[int, str]:
+    def _exchange(self, body: bytes, headers: dict) -> tuple[int, str, float]:
         conn = self._connection()
         conn.request("POST", self._path, body, headers)
         response = conn.getresponse()
@@ -251,7 +294,15 @@ class GmailProxy:
         if len(text) > MAX_REASON_BYTES or response.will_close:
             self.close()
         reason = " ".join(text[:MAX_REASON_BYTES].decode("utf-8", "replace").split())[:500]
-        return response.status, reason
+        return response.status, reason, _retry_after(response.getheader("Retry-After"))
+
+
+def _retry_after(value: Optional[str]) -> float:
+    """Seconds from a Retry-After header (a number; an HTTP date counts as the default)."""
+    try:
+        return max(0.0, float(value)) if value else DEFAULT_RETRY_AFTER_SECONDS
+    except ValueError:
+        return DEFAULT_RETRY_AFTER_SECONDS
 
 
 def _describe(exc: BaseException) -> str:
@@ -370,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"folder of setting files, used when the environment has none (default {ENVDIR})")
     proxy.add_argument("--fix-sender", action="store_true",
                        help="let the proxy send from its default sender when the From is refused")
+    proxy.add_argument("--no-signature-v1", dest="signature_v1", action="store_false",
+                       help="send only signature v2 (for proxies that require it; old proxies need v1)")
     proxy.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the proxy")
     proxy.add_argument("--version", action="version", version=f"gmail.py {__version__}")
     return parser
@@ -453,7 +506,10 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
         if mail_mode and not args.recipients:
             raise UsageError("-s, -c, -b, -a and -r need at least one RECIPIENT")
         fix_sender = args.fix_sender or (mail_mode and not (args.sender or args.envelope_sender))
-        with GmailProxy(key, args.url, fix_sender=fix_sender, timeout=args.timeout, envdir=args.envdir) as proxy:
+        key = read_setting("GMAIL_SECRET_KEY", key, environ, args.envdir)
+        url = read_setting("GMAIL_PROXY_URL", args.url, environ, args.envdir)
+        with GmailProxy(key, url, fix_sender=fix_sender, timeout=args.timeout, envdir=args.envdir,
+                        signature_v1=args.signature_v1) as proxy:
             if args.recipients and (mail_mode or not _looks_like_sendmail_call(args)):
                 raw = message_bytes(build_message(args, _read_stdin(stdin)))
                 envelope = []

@@ -34,6 +34,8 @@ import socket
 import socketserver
 import sys
 import threading
+import time
+from collections import OrderedDict
 from email import policy
 from email.headerregistry import Address
 from email.message import Message
@@ -57,7 +59,7 @@ MAX_FORM_FIELDS = 16
 DEFAULT_MAX_RECIPIENTS = 100
 DEFAULT_SMTP_TIMEOUT = 30.0
 MIN_KEY_LENGTH = 16
-RETRY_AFTER_SECONDS = "60"
+RETRY_AFTER_SECONDS = 60
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 
@@ -108,8 +110,8 @@ class UnsupportedMediaType(HTTPError):
 class ServiceUnavailable(HTTPError):
     status = "503 Service Unavailable"
 
-    def __init__(self, reason: str):
-        super().__init__(reason, [("Retry-After", RETRY_AFTER_SECONDS)])
+    def __init__(self, reason: str, retry_after: int = RETRY_AFTER_SECONDS):
+        super().__init__(reason, [("Retry-After", str(retry_after))])
 
 
 # The SDK's refusals that are the client's fault; any other mail error is ours.
@@ -285,14 +287,110 @@ def read_body(environ: dict, limit: int) -> bytes:
 
 
 def check_signature(keys: list[bytes], msg: bytes, signature: bytes) -> None:
-    """Accept the message if its signature matches any configured key."""
-    given = signature.strip()
+    """Accept a v1 request if its signature matches any configured key."""
+    _match_any(keys, lambda key: gmail.sign_v1(key, msg), signature.strip())
+
+
+def _match_any(keys: list[bytes], expected_for: Callable[[bytes], str], given: bytes) -> None:
     matched = False
     for key in keys:
         # Every key is tried, so the time taken does not tell which one matched.
-        matched |= hmac.compare_digest(gmail.sign_v1(key, msg).encode("ascii"), given)
+        matched |= hmac.compare_digest(expected_for(key).encode("ascii"), given)
     if not matched:
         raise BadRequest("signature does not match the message under any configured key")
+
+
+def check_signature_v2(keys: list[bytes], form: dict[str, bytes], fix_sender: bool, now: float,
+                       window: int) -> str:
+    """Accept a v2 request: signature over tag, timestamp, fix_sender and msg, within the window.
+
+    Returns the signature, which names this exact request for the replay store.
+    """
+    raw_stamp = form.get("timestamp", b"")
+    if not (raw_stamp.isascii() and raw_stamp.isdigit() and len(raw_stamp) <= 12):
+        raise BadRequest(f"timestamp {raw_stamp.decode('ascii', 'replace')!r} is not a whole number of "
+                         f"seconds since 1970 (signature_v2 needs one)")
+    stamp = raw_stamp.decode("ascii")
+    signature = form["signature_v2"].strip().lower()
+    _match_any(keys, lambda key: gmail.sign_v2(key, stamp, fix_sender, form["msg"]), signature)
+    age = now - int(stamp)
+    if age > window:
+        raise BadRequest(f"request expired: signed at {stamp}, server time is {int(now)} "
+                         f"(requests are valid for {window} s)")
+    if age < -window:
+        raise BadRequest(f"request is from the future: signed at {stamp}, server time is {int(now)}; "
+                         f"check the client's clock")
+    return signature.decode("ascii")
+
+
+# ---------------------------------------------------------------------------
+# Replay store: each sent v2 request is remembered for its window
+# ---------------------------------------------------------------------------
+
+SENT, PENDING = "sent", "pending"
+
+
+class InProcessReplayStore:
+    """Remember requests in this process, at most `max_entries` of them, oldest forgotten first.
+
+    For a single-process server; every entry expires with its request's window.
+    """
+
+    def __init__(self, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic):
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: "OrderedDict[str, tuple[str, float]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def claim(self, key: str, ttl: float) -> Optional[str]:
+        """Mark `key` pending and return None, or return its state if it is already known."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[1] > now:
+                return entry[0]
+            self._entries.pop(key, None)
+            while len(self._entries) >= self.max_entries:
+                self._entries.popitem(last=False)
+            self._entries[key] = (PENDING, now + ttl)
+        return None
+
+    def mark_sent(self, key: str, ttl: float) -> None:
+        with self._lock:
+            self._entries[key] = (SENT, self._clock() + ttl)
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class MemcacheReplayStore:
+    """Remember requests in App Engine's bundled memcache, shared by every instance."""
+
+    NAMESPACE = "appengine-mailer-replay"
+
+    def __init__(self):
+        from google.appengine.api import memcache
+
+        self._memcache = memcache
+
+    def claim(self, key: str, ttl: float) -> Optional[str]:
+        if self._memcache.add(key, PENDING, time=max(1, int(ttl)), namespace=self.NAMESPACE):
+            return None
+        state = self._memcache.get(key, namespace=self.NAMESPACE)
+        if state is None:
+            # Memcache is unavailable or just evicted it: send rather than refuse mail.
+            log.warning("replay store unavailable; sending without the duplicate check")
+        return state
+
+    def mark_sent(self, key: str, ttl: float) -> None:
+        self._memcache.set(key, SENT, time=max(1, int(ttl)), namespace=self.NAMESPACE)
+
+    def release(self, key: str) -> None:
+        self._memcache.delete(key, namespace=self.NAMESPACE)
 
 
 # ---------------------------------------------------------------------------
@@ -548,11 +646,17 @@ class Mailer:
     """The WSGI callable: POST / sends, GET / reports health."""
 
     def __init__(self, keys: list[bytes], default_sender: Optional[str] = None, *,
-                 max_body: int = MAX_BODY_BYTES, max_recipients: int = DEFAULT_MAX_RECIPIENTS):
+                 max_body: int = MAX_BODY_BYTES, max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+                 require_signature_v2: bool = False, replay_window: int = gmail.REPLAY_WINDOW_SECONDS,
+                 replay_store=None, clock: Callable[[], float] = time.time):
         self.keys = [k if isinstance(k, bytes) else k.encode("utf-8") for k in keys]
         self.default_sender = default_sender
         self.max_body = max_body
         self.max_recipients = max_recipients
+        self.require_signature_v2 = require_signature_v2
+        self.replay_window = replay_window
+        self.replay_store = replay_store if replay_store is not None else InProcessReplayStore()
+        self.clock = clock
 
     def __call__(self, environ: dict, start_response: Callable):
         method = environ.get("REQUEST_METHOD", "GET")
@@ -583,6 +687,8 @@ class Mailer:
             "keys": len(self.keys),
             "default_sender": bool(self.default_sender),
             "delivery": delivery_mode(),
+            "signature_v2_required": self.require_signature_v2,
+            "replay_window_seconds": self.replay_window,
         }) + "\n"
 
     def handle_post(self, environ: dict) -> None:
@@ -599,15 +705,42 @@ class Mailer:
 
     def send(self, form: dict[str, bytes]) -> None:
         """Check, convert and send one message; raise HTTPError for any refusal."""
-        msg, signature = form.get("msg"), form.get("signature")
-        if not msg:
-            raise BadRequest("missing or empty field 'msg'")
-        if not signature:
-            raise BadRequest("missing or empty field 'signature'")
         fix_sender = _flag(form, "fix_sender")
+        replay_key = self.authenticate(form, fix_sender)
+        if replay_key is None:
+            self._send_message(form["msg"], fix_sender)
+            return
+        ttl = int(form["timestamp"]) + self.replay_window - self.clock() + 1
+        state = self.replay_store.claim(replay_key, ttl)
+        if state == SENT:
+            log.info("duplicate: already sent within its window, not sent again")
+            return
+        if state == PENDING:
+            raise ServiceUnavailable("the same request is being sent right now; retry shortly", retry_after=1)
+        try:
+            self._send_message(form["msg"], fix_sender)
+        except BaseException:
+            self.replay_store.release(replay_key)  # not sent: a retry must send it
+            raise
+        self.replay_store.mark_sent(replay_key, ttl)
+
+    def authenticate(self, form: dict[str, bytes], fix_sender: bool) -> Optional[str]:
+        """Check the request's signature (v2 when present, else v1); return the v2 replay key."""
+        if not form.get("msg"):
+            raise BadRequest("missing or empty field 'msg'")
         if not self.keys:
             raise ServiceUnavailable("the proxy has no secret key configured (set GMAIL_SECRET_KEY)")
-        check_signature(self.keys, msg, signature)
+        if form.get("signature_v2"):
+            return check_signature_v2(self.keys, form, fix_sender, self.clock(), self.replay_window)
+        if not form.get("signature"):
+            raise BadRequest("missing or empty field 'signature'")
+        if self.require_signature_v2:
+            raise BadRequest("this proxy requires signature_v2 (with timestamp); "
+                             "upgrade the client or turn it on")
+        check_signature(self.keys, form["msg"], form["signature"])
+        return None
+
+    def _send_message(self, msg: bytes, fix_sender: bool) -> None:
         outgoing = Outgoing(parse_message(msg), self.max_recipients)
         sender, reply_to = outgoing.sender, outgoing.reply_to
         if sender is None:
@@ -621,7 +754,6 @@ class Mailer:
                 raise http_error_for_send_failure(exc) from None
             fallback = self._default_sender_or_refuse(f"sender {sender!r} is not authorized")
             self._deliver(outgoing, fallback, reply_to or sender)
-            sender = fallback
         log.info("sent: size=%d recipients=%d attachments=%d",
                  len(msg), sum(map(len, outgoing.recipients.values())), len(outgoing.attachments))
 
@@ -661,10 +793,14 @@ def app_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> M
             socket.setdefaulttimeout(float(environ.get("GMAIL_SMTP_TIMEOUT", DEFAULT_SMTP_TIMEOUT)))
     elif not on_app_engine(environ):
         install_outbox(Path(environ.get("GMAIL_OUTBOX", root / "outbox")))
-    limits = {}
+    options = {
+        "require_signature_v2": environ.get("GMAIL_REQUIRE_SIGNATURE_V2", "").strip().lower() in TRUE_WORDS,
+        # On App Engine many instances serve one proxy: only memcache is shared by all.
+        "replay_store": MemcacheReplayStore() if on_app_engine(environ) else InProcessReplayStore(),
+    }
     if environ.get("GMAIL_MAX_RECIPIENTS"):
-        limits["max_recipients"] = int(environ["GMAIL_MAX_RECIPIENTS"])
-    return make_app(keys_from_environment(environ, root), default_sender_from_environment(environ, root), **limits)
+        options["max_recipients"] = int(environ["GMAIL_MAX_RECIPIENTS"])
+    return make_app(keys_from_environment(environ, root), default_sender_from_environment(environ, root), **options)
 
 
 def _module_app():

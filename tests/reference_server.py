@@ -24,6 +24,10 @@ class ReferenceServer:
         self.force_status: int | None = None
         self.force_reason = "forced failure"
         self.close_after_each = False
+        self.force_times: int | None = None  # answer force_status this many times only (None: always)
+        self.retry_after: str | None = None
+        self.drop_times = 0  # close the connection without answering this many times
+        self.bodies: list[bytes] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
@@ -53,6 +57,8 @@ class ReferenceServer:
                 if body:
                     self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(body)))
+                if server.retry_after is not None and status == 503:
+                    self.send_header("Retry-After", server.retry_after)
                 if server.close_after_each:
                     self.send_header("Connection", "close")
                     self.close_connection = True
@@ -62,9 +68,16 @@ class ReferenceServer:
             def do_POST(self):
                 server.requests += 1
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                server.bodies.append(body)
+                if server.drop_times:
+                    server.drop_times -= 1
+                    self.close_connection = True
+                    return
                 # latin-1 maps each percent-decoded byte to one character and back.
                 fields = parse_qs(body.decode("ascii"), keep_blank_values=True, encoding="latin-1")
-                if server.force_status:
+                if server.force_status and server.force_times != 0:
+                    if server.force_times:
+                        server.force_times -= 1
                     return self.answer(server.force_status, server.force_reason)
                 if "msg" not in fields or "signature" not in fields:
                     return self.answer(400, "missing parameters")
