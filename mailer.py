@@ -37,7 +37,8 @@ import threading
 import time
 from collections import OrderedDict
 from email import policy
-from email.headerregistry import Address
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser
 from pathlib import Path
@@ -399,6 +400,8 @@ class MemcacheReplayStore:
 
 _ADDR_SPEC = re.compile(r"[!-~]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?\.?")
 _TEXT_CHARSETS_TRIED = ("utf-8", "latin-1")
+# Blank, only commas, or an empty group such as "undisclosed-recipients:;".
+_EMPTY_ADDRESS_LIST = re.compile(r"[\s,]*(?:[^:;<>@\"]*:\s*;[\s,]*)?")
 
 
 def header_text(value) -> str:
@@ -419,27 +422,33 @@ def header_text(value) -> str:
     return " ".join(text.split())
 
 
-def _format_address(address: Address, header: str) -> str:
+def decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded words in a display name, subject or file name."""
+    text = header_text(text)
+    if "=?" not in text:
+        return text
+    try:
+        return header_text(make_header(decode_header(text)))
+    except (LookupError, UnicodeError, ValueError, HeaderParseError):
+        return text  # malformed encoded words are shown as they came
+
+
+def _format_address(name: str, spec: str, header: str) -> str:
     """Render one address as ASCII, the display name RFC 2047 encoded if needed."""
-    spec = address.addr_spec
     if not _ADDR_SPEC.fullmatch(spec) or spec.count("@") != 1:
         raise BadRequest(f"{header} address {header_text(spec)!r} is not a valid email address")
-    return email.utils.formataddr((header_text(address.display_name), spec), charset="utf-8")
+    return email.utils.formataddr((decode_words(name), spec), charset="utf-8")
 
 
 def _addresses(message: Message, header: str) -> list[str]:
     """Return every address in every `header` line, formatted for the Mail API."""
-    try:
-        values = message.get_all(header) or []
-        parsed = [(value, value.addresses) for value in values]
-    except (IndexError, ValueError, TypeError, AttributeError):
-        # email's header parser raises these on some malformed address lists.
-        raise BadRequest(f"{header} header could not be parsed as a list of addresses") from None
     found = []
-    for value, addresses in parsed:
-        if value.defects and not addresses and str(value).strip():
+    for value in message.get_all(header, []):
+        value = str(value)
+        pairs = email.utils.getaddresses([value])
+        if not any(spec for _, spec in pairs) and not _EMPTY_ADDRESS_LIST.fullmatch(value):
             raise BadRequest(f"{header} header {header_text(value)!r} holds no valid address")
-        found.extend(_format_address(a, header) for a in addresses)
+        found.extend(_format_address(name, spec, header) for name, spec in pairs if spec or name.strip())
     return found
 
 
@@ -463,7 +472,7 @@ def _decode_text(part: Message) -> str:
 def _attachment_name(part: Message, index: int) -> str:
     name = part.get_filename()
     if name:
-        name = name.replace("\r", "").replace("\n", "").strip()
+        name = decode_words(name).strip()
     if not name:
         extension = mimetypes.guess_extension(part.get_content_type()) or ".bin"
         name = "attachment" + extension if index == 0 else f"attachment-{index}{extension}"
@@ -475,7 +484,7 @@ def _attachment_name(part: Message, index: int) -> str:
 
 def _leaf_parts(message: Message) -> Iterable[Message]:
     """Yield the parts to deliver, depth first; attached messages stay whole."""
-    if message.is_multipart():
+    if message.is_multipart() and message.get_content_type() != "message/rfc822":
         for sub in message.get_payload():
             yield from _leaf_parts(sub)
     else:
@@ -513,12 +522,26 @@ def _bodies_and_attachments(message: Message) -> tuple[dict, list[mail.Attachmen
     return bodies, attachments
 
 
+class RawHeaderPolicy(policy.Compat32):
+    """compat32, but headers come back exactly as received.
+
+    compat32 replaces raw 8-bit header bytes with U+FFFD when fetched; kept raw,
+    header_text() can read them as UTF-8 (RFC 6532) or latin-1.
+    """
+
+    def header_fetch_parse(self, name, value):
+        return value
+
+
+RAW_HEADERS = RawHeaderPolicy()
+
+
 def parse_message(raw: bytes) -> Message:
     """Parse the message bytes; refuse what is not an email message."""
     if b"\x00" in raw[:4096]:
         raise BadRequest("msg is binary data, not an RFC 2822 message")
     try:
-        message = BytesParser(policy=policy.default).parsebytes(raw)
+        message = BytesParser(policy=RAW_HEADERS).parsebytes(raw)
     except Exception as exc:  # the parser has no error type of its own
         raise BadRequest(f"msg is not a parseable email message ({type(exc).__name__})") from None
     if not message.keys():
@@ -536,7 +559,7 @@ class Outgoing:
             self.reply_to = reply_to[0] if reply_to else None
             self.recipients = {h: _addresses(message, h) for h in ("To", "Cc", "Bcc")}
             subject = message.get("Subject")
-            self.subject = header_text(subject) if subject is not None else ""
+            self.subject = decode_words(subject) if subject is not None else ""
             self.headers = {
                 name: header_text(message[name])
                 for name in mail.HEADER_WHITELIST

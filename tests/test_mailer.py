@@ -295,3 +295,27 @@ def test_logs_never_hold_key_or_body(app, mail_stub, caplog):
     assert "sent:" in text and "refused:" in text
     assert "TOP-SECRET-BODY" not in text and KEY.decode() not in text
     assert base64.b64encode(b"TOP-SECRET-BODY").decode() not in text
+
+
+def test_raw_utf8_and_latin1_header_bytes_are_read_as_text(app, mail_stub):
+    raw = ("From: \"Jürgen Groß\" <j@example.com>\nTo: r@example.com\nSubject: Grüße\n\nx\n").encode()
+    send(app, raw, status=204)
+    raw = b"From: \"Caf\xe9\" <c@example.com>\nTo: r@example.com\nSubject: Cr\xe8me\n\nx\n"
+    send(app, raw, status=204)
+    from email.header import decode_header, make_header
+    first, second = mail_stub.sent
+    assert str(make_header(decode_header(first.Sender))) == "Jürgen Groß <j@example.com>"
+    assert first.Subject == "Grüße"
+    assert str(make_header(decode_header(second.Sender))) == "Café <c@example.com>"
+    assert second.Subject == "Crème"
+
+
+def test_attached_message_stays_whole(app, mail_stub):
+    inner = make_message(Subject="Forwarded")
+    msg = make_message()
+    msg.add_attachment(inner)
+    send(app, msg, status=204)
+    [sent] = mail_stub.sent
+    [attachment] = sent.Attachment
+    assert attachment.FileName == "attachment.eml"
+    assert b"Subject: Forwarded" in attachment.Data and b"Plain body" in attachment.Data
