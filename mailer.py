@@ -215,7 +215,18 @@ def on_app_engine(environ: Optional[dict] = None) -> bool:
 # ---------------------------------------------------------------------------
 
 _PRINTABLE_ASCII = bytes(range(0x21, 0x7F))  # what any urlencoder emits
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# Each byte as its class for the escape check: hex digit -> h, '%' stays, anything else -> x.
+_ESCAPE_CLASSES = bytes(
+    ord("h") if chr(c) in "0123456789abcdefABCDEF" else ord("%") if c == ord("%") else ord("x") for c in range(256))
+
+
+def has_bad_escape(raw: bytes) -> bool:
+    """Whether some '%' is not followed by two hex digits (one C pass, no regex walk)."""
+    if b"%" not in raw:
+        return False
+    classes = raw.translate(_ESCAPE_CLASSES)
+    return (b"%x" in classes or b"%%" in classes or b"%hx" in classes or b"%h%" in classes
+            or classes.endswith((b"%", b"%h")))
 
 
 def unquote_field(raw: bytes, name: str) -> bytes:
@@ -228,7 +239,7 @@ def unquote_field(raw: bytes, name: str) -> bytes:
     """
     if raw.translate(None, _PRINTABLE_ASCII):
         raise BadRequest(f"field {name!r} holds characters that urlencoding never produces")
-    if b"%" in raw and _BAD_ESCAPE.search(raw):
+    if has_bad_escape(raw):
         raise BadRequest(f"field {name!r} has a malformed percent-escape")
     if b"=" in raw:
         return unquote_to_bytes(raw.replace(b"+", b" "))
