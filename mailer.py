@@ -220,22 +220,10 @@ _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _FORM_TO_QP = bytes.maketrans(b"+%", b" =")
 
 
-def unquote_field(raw: bytes, name: str) -> bytes:
-    """Decode one urlencoded value to the exact bytes the client encoded.
-
-    Fast path: with '%' written as '=', percent-escapes are quoted-printable
-    escapes, which binascii decodes in C.  Each valid escape shrinks three bytes to
-    one and a malformed one shrinks less, so the length alone proves every escape
-    was valid.  A value holding a literal '=' (no urlencoder writes one, but a
-    lenient client might) goes through the stdlib's unquote_to_bytes instead.
-    Both give the same bytes (tests/test_fastpaths.py).
-    """
+def _unquote_exactly(raw: bytes, name: str) -> bytes:
+    """The reference decoding: refuse a malformed escape, else the stdlib's unquote_to_bytes."""
     if raw.translate(None, _PRINTABLE_ASCII):
         raise BadRequest(f"field {name!r} holds characters that urlencoding never produces")
-    if b"=" not in raw:
-        decoded = binascii.a2b_qp(raw.translate(_FORM_TO_QP))
-        if len(decoded) == len(raw) - 2 * raw.count(b"%"):
-            return decoded
     if _BAD_ESCAPE.search(raw):
         raise BadRequest(f"field {name!r} has a malformed percent-escape")
     return unquote_to_bytes(raw.replace(b"+", b" "))
@@ -246,20 +234,43 @@ def parse_form(body: bytes) -> dict[str, bytes]:
 
     The stdlib decodes values to str; the signature is over the client's exact
     bytes, 8-bit and non-UTF-8 included, so each value is decoded to bytes here.
+
+    Fast path: with '+' written as a space and '%' as '=', percent-escapes are
+    quoted-printable escapes, which binascii decodes in C, reading each value
+    through a memoryview of one translated copy of the body.  Each valid escape
+    shrinks three bytes to one and a malformed one shrinks less, so the length
+    alone proves every escape was valid.  A value with a literal '=' (no
+    urlencoder writes one, but a lenient client might) or a bad length goes
+    through _unquote_exactly.  Both give the same bytes (tests/test_fastpaths.py).
     """
-    form: dict[str, bytes] = {}
-    pairs = [p for p in body.split(b"&") if p] if body else []
-    if len(pairs) > MAX_FORM_FIELDS:
+    spans, at = [], 0
+    while at <= len(body):
+        end = body.find(b"&", at)
+        end = len(body) if end == -1 else end
+        if end > at:
+            spans.append((at, end))
+        at = end + 1
+    if len(spans) > MAX_FORM_FIELDS:
         raise BadRequest(f"too many form fields (at most {MAX_FORM_FIELDS})")
-    for pair in pairs:
-        raw_name, _, raw_value = pair.partition(b"=")
+    printable = not body.translate(None, _PRINTABLE_ASCII)
+    translated = memoryview(body.translate(_FORM_TO_QP)) if printable else None
+    form: dict[str, bytes] = {}
+    for start, end in spans:
+        equals = body.find(b"=", start, end)
+        split = end if equals == -1 else equals
         try:
-            name = unquote_field(raw_name, "name").decode("ascii")
+            name = _unquote_exactly(body[start:split], "name").decode("ascii")
         except (BadRequest, UnicodeDecodeError):
             raise BadRequest("a form field name is not valid urlencoded ASCII") from None
         if name in form:
             raise BadRequest(f"form field {name!r} given more than once")
-        form[name] = unquote_field(raw_value, name)
+        value_start = min(split + 1, end)
+        value = None
+        if printable and body.find(b"=", value_start, end) == -1:
+            value = binascii.a2b_qp(translated[value_start:end])
+            if len(value) != end - value_start - 2 * body.count(b"%", value_start, end):
+                value = None
+        form[name] = value if value is not None else _unquote_exactly(body[value_start:end], name)
     return form
 
 
@@ -283,7 +294,10 @@ def read_body(environ: dict, limit: int) -> bytes:
     if size > limit:
         raise PayloadTooLarge(f"request body of {size} bytes is over the {limit}-byte limit")
     stream = environ["wsgi.input"]
-    chunks, remaining = [], size
+    body = stream.read(size) if size else b""
+    if len(body) == size:  # the usual case: no second copy of the body
+        return body
+    chunks, remaining = [body], size - len(body)
     while remaining:
         chunk = stream.read(min(remaining, 1 << 20))
         if not chunk:
@@ -586,7 +600,7 @@ def cut_base64_bodies(raw: bytes) -> tuple[bytes, dict[str, tuple[bytes, bytes]]
 def restore_cut_bodies(message: Message, cuts: dict[str, tuple[bytes, bytes]]) -> bool:
     """Put each cut body back into the part holding its token; False if any is not exactly there.
 
-    The part also keeps the body's bytes (as `base64_body`) for decode_payload().
+    Such a part is marked `cut_base64` for decode_payload().
     """
     restored = 0
     for part in message.walk():
@@ -599,22 +613,22 @@ def restore_cut_bodies(message: Message, cuts: dict[str, tuple[bytes, bytes]]) -
         if rest not in ("", ending.decode("ascii")):
             return False
         part.set_payload(body.decode("ascii") + rest)
-        part.base64_body = body
+        part.cut_base64 = True
         restored += 1
     return restored == len(cuts)
 
 
 def decode_payload(part: Message) -> bytes:
-    """Return part.get_payload(decode=True), decoding a cut base64 body straight from its bytes.
+    """Return part.get_payload(decode=True), decoding a cut base64 body in one C call.
 
     Taken only where the stdlib gives the same bytes: the part says base64, its
     body is base64 lines with at most two '=' and only at the end, and binascii
     decodes it without error (it refuses what the stdlib would have to repair).
     """
-    body = getattr(part, "base64_body", None)
-    if body is not None and str(part.get("content-transfer-encoding", "")).lower() == "base64":
-        first_pad = body.find(b"=")
-        if first_pad == -1 or (not body[first_pad:].translate(None, b"=\r\n") and body.count(b"=", first_pad) <= 2):
+    if getattr(part, "cut_base64", False) and str(part.get("content-transfer-encoding", "")).lower() == "base64":
+        body = part._payload
+        first_pad = body.find("=")
+        if first_pad == -1 or (not body[first_pad:].strip("=\r\n") and body.count("=", first_pad) <= 2):
             try:
                 return binascii.a2b_base64(body)
             except binascii.Error:
@@ -827,11 +841,11 @@ class Mailer:
         if content_type != "application/x-www-form-urlencoded":
             raise UnsupportedMediaType(
                 f"content type {content_type or 'missing'!r}: send application/x-www-form-urlencoded")
-        body = read_body(environ, self.max_body)
+        size = int(environ.get("CONTENT_LENGTH") or 0)
         try:
-            self.send(parse_form(body))
+            self.send(parse_form(read_body(environ, self.max_body)))
         except HTTPError as err:
-            log.info("refused: %s (%s) size=%d", err.status, err.reason, len(body))
+            log.info("refused: %s (%s) size=%d", err.status, err.reason, size)
             raise
 
     def send(self, form: dict[str, bytes]) -> None:
