@@ -465,12 +465,37 @@ def _format_address(name: str, spec: str, header: str) -> str:
     return email.utils.formataddr((decode_words(name), spec), charset="utf-8")
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM_ADDRESS = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_SIMPLE_ADDRESS = re.compile(
+    rf"[ \t]*(?:(?P<name>(?:{_ATEXT}|[ \t])*?)[ \t]*<(?P<bracketed>{_DOT_ATOM_ADDRESS})>|(?P<bare>{_DOT_ATOM_ADDRESS}))[ \t]*")
+
+
+def simple_addresses(value: str) -> Optional[list[tuple[str, str]]]:
+    """getaddresses() for the common plain shapes ("Name <a@b.c>", "a@b.c", comma-separated); else None.
+
+    Lists with empty items are left to the stdlib too (3.13 treats some as errors).
+
+    No quotes, comments, groups, domain literals or folding: those go to the
+    stdlib, which this must agree with exactly (tests/test_fastpaths.py).
+    """
+    if any(c in value for c in '"()\\:;[]\r\n'):
+        return None
+    pairs = []
+    for item in value.split(","):
+        match = _SIMPLE_ADDRESS.fullmatch(item)  # an empty item (",,") too goes to the stdlib
+        if match is None:
+            return None
+        pairs.append((" ".join((match["name"] or "").split()), match["bracketed"] or match["bare"]))
+    return pairs or None
+
+
 def _addresses(message: Message, header: str) -> list[str]:
     """Return every address in every `header` line, formatted for the Mail API."""
     found = []
     for value in message.get_all(header, []):
         value = str(value)
-        pairs = email.utils.getaddresses([value])
+        pairs = simple_addresses(value) or email.utils.getaddresses([value])
         if not any(spec for _, spec in pairs) and not _EMPTY_ADDRESS_LIST.fullmatch(value):
             raise BadRequest(f"{header} header {header_text(value)!r} holds no valid address")
         found.extend(_format_address(name, spec, header) for name, spec in pairs if spec or name.strip())
@@ -494,8 +519,8 @@ def _decode_text(part: Message) -> str:
     raise AssertionError("latin-1 decodes any bytes")
 
 
-def _attachment_name(part: Message, index: int) -> str:
-    name = part.get_filename()
+def _attachment_name(part: Message, name: Optional[str], index: int) -> str:
+    """The part's file name, RFC 2047 decoded, else one made from its content type."""
     if name:
         name = decode_words(name).strip()
     if not name:
@@ -516,26 +541,24 @@ def _leaf_parts(message: Message) -> Iterable[Message]:
         yield message
 
 
-def _is_attachment(part: Message) -> bool:
-    return part.get_content_disposition() == "attachment" or bool(part.get_filename())
-
-
 def _bodies_and_attachments(message: Message) -> tuple[dict, list[mail.Attachment]]:
     bodies: dict[str, str] = {}
     attachments: list[mail.Attachment] = []
     for part in _leaf_parts(message):
         kind = part.get_content_type()
+        filename = part.get_filename()
         body_field = {"text/plain": "body", "text/html": "html"}.get(kind)
-        if body_field and body_field not in bodies and not _is_attachment(part) and "Content-ID" not in part:
+        is_attachment = bool(filename) or part.get_content_disposition() == "attachment"
+        if body_field and body_field not in bodies and not is_attachment and "Content-ID" not in part:
             bodies[body_field] = _decode_text(part)
             continue
-        if kind == "message/rfc822" or part.get_content_maintype() == "multipart":
+        if kind == "message/rfc822" or kind.startswith("multipart/"):
             data = part.as_bytes() if not part.is_multipart() else b""
             if isinstance(part.get_payload(), list):
                 data = b"".join(sub.as_bytes() for sub in part.get_payload())
         else:
             data = decode_payload(part)
-        name = _attachment_name(part, len(attachments))
+        name = _attachment_name(part, filename, len(attachments))
         content_id = header_text(part.get("Content-ID", ""))
         if content_id:
             if not content_id.isascii():
@@ -552,7 +575,7 @@ def _bodies_and_attachments(message: Message) -> tuple[dict, list[mail.Attachmen
 # the stdlib still parses every header and the whole structure, but is spared
 # walking a multi-megabyte attachment line by line.
 BASE64_LINE_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
-MIN_CUT_BYTES = 1024
+MIN_CUT_BYTES = 8 * 1024  # below this, cutting costs more than the parse it saves
 
 
 MAX_HEADER_BLOCK = 64 * 1024
@@ -572,6 +595,8 @@ def cut_base64_bodies(raw: bytes) -> tuple[bytes, dict[str, tuple[bytes, bytes]]
     one memchr instead of a line-by-line walk.  Returns the skeleton and, per
     token, the body without its last line ending and that line ending.
     """
+    if len(raw) < MIN_CUT_BYTES:
+        return raw, {}
     prefix = b"AppengineMailerCut" + secrets.token_hex(8).encode("ascii") + b"x"
     pieces, cuts, done, pos = [], {}, 0, 0
     while (body_start := _body_start(raw, pos)) != -1:
@@ -671,6 +696,9 @@ def parse_message(raw: bytes) -> Message:
     return message
 
 
+_ALLOWED_HEADERS = {name.lower(): name for name in mail.HEADER_WHITELIST}
+
+
 class Outgoing:
     """What the Mail API will be asked to send, built from a parsed message."""
 
@@ -682,11 +710,11 @@ class Outgoing:
             self.recipients = {h: _addresses(message, h) for h in ("To", "Cc", "Bcc")}
             subject = message.get("Subject")
             self.subject = decode_words(subject) if subject is not None else ""
-            self.headers = {
-                name: header_text(message[name])
-                for name in mail.HEADER_WHITELIST
-                if message[name] is not None
-            }
+            self.headers = {}
+            for name, value in message.items():
+                allowed = _ALLOWED_HEADERS.get(name.lower())
+                if allowed and allowed not in self.headers:  # the first of each, as message[name] gives
+                    self.headers[allowed] = header_text(value)
             self.bodies, self.attachments = _bodies_and_attachments(message)
         except HTTPError:
             raise

@@ -108,8 +108,8 @@ def leaves(draw, nl: bytes):
     kind = draw(st.sampled_from(["text", "b64", "b64text", "qp"]))
     if kind == "text":
         return b"Content-Type: text/plain; charset=utf-8" + nl + nl + draw(st.sampled_from(
-            [b"hello" + nl, b"--not a boundary" + nl + b"x" + nl, b"", b"AAAA" * 300 + nl]))
-    size = draw(st.sampled_from([0, 10, 700, 1500, 5000]))
+            [b"hello" + nl, b"--not a boundary" + nl + b"x" + nl, b"", b"AAAA" * 3000 + nl]))
+    size = draw(st.sampled_from([0, 10, 700, 7000, 12_000, 30_000]))
     data = os.urandom(size)
     body = b64_lines(data, draw(st.sampled_from([76, 64, 4, 1000])), nl)
     mutation = draw(st.sampled_from(["none", "none", "bang", "midpad", "trim", "blank", "nonl", "dash"]))
@@ -137,7 +137,7 @@ def mime_trees(draw, nl: bytes, depth: int = 0):
         return draw(leaves(nl))
     boundary = draw(st.sampled_from([b"b" + str(depth).encode(), b"==XyZ" + str(depth).encode() + b"==", b"b"]))
     children = draw(st.lists(mime_trees(nl, depth + 1), min_size=0, max_size=3))
-    preamble = draw(st.sampled_from([b"", b"This is a MIME message." + nl, b"QUFB" * 400 + nl]))
+    preamble = draw(st.sampled_from([b"", b"This is a MIME message." + nl, b"QUFB" * 3000 + nl]))
     close = draw(st.sampled_from([b"--" + boundary + b"--" + nl, b"--" + boundary + b"--", b"",
                                   b"--" + boundary + b"--  " + nl + b"epilogue" + nl]))
     out = b"Content-Type: multipart/mixed; boundary=\"" + boundary + b"\"" + nl + nl + preamble
@@ -195,7 +195,7 @@ def corpus() -> dict[str, bytes]:
 
     utf8 = EmailMessage()
     utf8["From"], utf8["To"], utf8["Subject"] = "Jürgen <j@example.com>", "b@example.com", "Grüße"
-    utf8.set_content("Grüße " * 500 + "\n", cte="base64")
+    utf8.set_content("Grüße " * 3000 + "\n", cte="base64")
     shapes["utf8-text-in-base64"] = utf8.as_bytes()
     return shapes
 
@@ -205,3 +205,32 @@ def test_fast_parse_matches_stdlib_on_real_world_shapes(name, raw):
     assert any(getattr(part, "cut_base64", False) for part in mailer.parse_message(raw).walk())  # the fast path ran
     assert_same_parse(raw)
     assert_same_parse(raw.replace(b"\n--", b"\n--", 1).rstrip(b"\r\n"))  # no final newline
+
+
+# --------------------------------------------------------------------------- addresses
+
+from email.utils import getaddresses  # noqa: E402
+
+ADDRESS_PIECES = st.sampled_from([
+    "a@b.com", "x.y@mail.example.org", "First", "Last", "J.", "<", ">", "<a@b.com>", ",", " ", "  ", "\t",
+    "\"Q\"", "(c)", "@", ".", "=?utf-8?q?J=C3=BCrgen?=", "first+tag@x.io", "o'neil@x.ie", "-", "_", "a@", "@b",
+    "x@[1.2.3.4]", "g:", ";", "\\", "É", "a@b..c", "a..b@c.d",
+])
+
+
+def stdlib_addresses(value: str) -> list:
+    return getaddresses([value])
+
+
+@settings(max_examples=3000)
+@given(st.lists(ADDRESS_PIECES, max_size=8).map("".join))
+def test_simple_addresses_agree_with_getaddresses(value):
+    fast = mailer.simple_addresses(value)
+    if fast is not None:
+        assert fast == stdlib_addresses(value)
+
+
+@pytest.mark.parametrize("value", ["a@b.com", "First <a@b.com>", "First  Last <a@b.com>, c@d.org",
+                                   "<a@b.com>", "=?utf-8?q?J=C3=BCrgen?= <j@x.com>"])
+def test_simple_addresses_take_the_common_shapes(value):
+    assert mailer.simple_addresses(value) == stdlib_addresses(value)
