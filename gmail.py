@@ -30,7 +30,7 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import formataddr, getaddresses
 from typing import Optional, Union
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 __version__ = "2.0.0"
 __all__ = ["GmailProxy", "MessageSendingFailure", "ConfigurationError", "sign_v1", "sign_v2", "main"]
@@ -41,6 +41,7 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 MAX_REASON_BYTES = 64 * 1024
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 5.0
+REQUEST_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": f"gmail.py/{__version__}"}
 # The server closed or reset the connection after (or while) taking the request.
 DROPPED_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
@@ -83,17 +84,18 @@ def encode_form(msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: 
     """Return the urlencoded POST body: msg, its signatures (v2, and v1 unless turned off), options.
 
     Servers that predate v2 ignore its fields and check v1; newer ones check v2
-    and refuse a replay of the same request after its window.
+    and refuse a replay of the same request after its window.  The bytes are
+    urlencode()'s, built field by field: only msg and the v1 signature need quoting.
     """
     stamp = str(int(time.time() if timestamp is None else timestamp))
-    fields = {"msg": msg}
+    fields = [b"msg=" + quote_plus(msg).encode("ascii")]
     if signature_v1:
-        fields["signature"] = sign_v1(key, msg)
-    fields["timestamp"] = stamp
-    fields["signature_v2"] = sign_v2(key, stamp, fix_sender, msg)
+        fields.append(b"signature=" + quote_plus(sign_v1(key, msg)).encode("ascii"))
+    fields.append(b"timestamp=" + stamp.encode("ascii"))
+    fields.append(b"signature_v2=" + sign_v2(key, stamp, fix_sender, msg).encode("ascii"))
     if fix_sender:
-        fields["fix_sender"] = "true"
-    return urlencode(fields).encode("ascii")
+        fields.append(b"fix_sender=true")
+    return b"&".join(fields)
 
 
 # ---------------------------------------------------------------------------
@@ -265,10 +267,9 @@ class GmailProxy:
         Resending the same signed request is safe: a v2 server answers a repeat
         of a request it already sent with 204 and does not send it again.
         """
-        headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": f"gmail.py/{__version__}"}
         for attempt in (1, 2):
             try:
-                status, reason, retry_after = self._exchange(body, headers)
+                status, reason, retry_after = self._exchange(body)
             except DROPPED_CONNECTION as exc:
                 self.close()
                 if attempt == 1:
@@ -286,13 +287,15 @@ class GmailProxy:
             raise MessageSendingFailure(f"the proxy refused the message: {status} {reason}".rstrip(),
                                         status=status, reason=reason)
 
-    def _exchange(self, body: bytes, headers: dict) -> tuple[int, str, float]:
+    def _exchange(self, body: bytes) -> tuple[int, str, float]:
         conn = self._connection()
-        conn.request("POST", self._path, body, headers)
+        conn.request("POST", self._path, body, REQUEST_HEADERS)
         response = conn.getresponse()
         text = response.read(MAX_REASON_BYTES + 1)
         if len(text) > MAX_REASON_BYTES or response.will_close:
             self.close()
+        if 200 <= response.status < 300:
+            return response.status, "", 0.0
         reason = " ".join(text[:MAX_REASON_BYTES].decode("utf-8", "replace").split())[:500]
         return response.status, reason, _retry_after(response.getheader("Retry-After"))
 

@@ -234,3 +234,23 @@ def test_simple_addresses_agree_with_getaddresses(value):
                                    "<a@b.com>", "=?utf-8?q?J=C3=BCrgen?= <j@x.com>"])
 def test_simple_addresses_take_the_common_shapes(value):
     assert mailer.simple_addresses(value) == stdlib_addresses(value)
+
+
+# --------------------------------------------------------------------------- client form encoding
+
+import gmail  # noqa: E402
+from urllib.parse import urlencode  # noqa: E402
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300), st.booleans(), st.booleans())
+def test_client_form_is_exactly_urlencode(msg, fix_sender, v1):
+    fields = {"msg": msg}
+    if v1:
+        fields["signature"] = gmail.sign_v1(b"k", msg)
+    fields["timestamp"] = "1700000000"
+    fields["signature_v2"] = gmail.sign_v2(b"k", "1700000000", fix_sender, msg)
+    if fix_sender:
+        fields["fix_sender"] = "true"
+    assert gmail.encode_form(msg, b"k", fix_sender, timestamp=1700000000, signature_v1=v1) == \
+        urlencode(fields).encode("ascii")
