@@ -14,7 +14,7 @@ PYTHON_NEW ?= $(shell for p in python3.13 python3.12 $${PYENV_ROOT:-$$HOME/.pyen
 VENV_NEW ?= .venv-new
 STAMP_NEW := $(VENV_NEW)/.installed
 
-.PHONY: run test test-main test-new keys-new keys-list keys-retire deploy clean
+.PHONY: run test test-main test-new bench keys-new keys-list keys-retire deploy clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ else
 test-new: $(STAMP_NEW)
 	$(VENV_NEW)/bin/python -m pytest -q -p no:cacheprovider
 endif
+
+bench: $(STAMP)
+	$(PY) bench/bench_server.py
+	$(PY) bench/bench_client.py
 
 keys-new: $(STAMP)
 	$(PY) mailer.py keys new

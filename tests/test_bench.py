@@ -1,0 +1,25 @@
+"""The benchmarks still run and print their figures (their numbers are read by people, not asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_server_benchmark_prints_its_table():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_server.py"), "--quick"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["message", "bytes", "proxy"] and len(lines) == 5
+    assert re.fullmatch(r"worst proxy/seed: \d+\.\d\d", lines[-1])
+
+
+def test_client_benchmark_prints_its_ratio():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_client.py"), "--messages", "20",
+                             "--rounds", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"client batch/seed: \d+\.\d\d", result.stdout.strip().splitlines()[-1])
