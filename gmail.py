@@ -19,6 +19,7 @@ import base64
 import hashlib
 import hmac
 import http.client
+import json
 import mimetypes
 import os
 import socket
@@ -30,6 +31,11 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import formataddr, getaddresses
 from typing import Optional, Union
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: everything but the spool's flush still works
+    fcntl = None
 from urllib.parse import quote_plus, urlsplit
 
 __version__ = "2.0.0"
@@ -84,15 +90,26 @@ def encode_form(msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: 
     """Return the urlencoded POST body: msg, its signatures (v2, and v1 unless turned off), options.
 
     Servers that predate v2 ignore its fields and check v1; newer ones check v2
-    and refuse a replay of the same request after its window.  The bytes are
-    urlencode()'s, built field by field: only msg and the v1 signature need quoting.
+    and refuse a replay of the same request after its window.
     """
+    return form_body(msg, **sign_request(msg, key, fix_sender, timestamp=timestamp, signature_v1=signature_v1))
+
+
+def sign_request(msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: Optional[float] = None,
+                 signature_v1: bool = True) -> dict:
+    """Return the signed fields of a request for msg (no secret among them: a spool may keep them)."""
     stamp = str(int(time.time() if timestamp is None else timestamp))
+    return {"timestamp": stamp, "signature": sign_v1(key, msg) if signature_v1 else None,
+            "signature_v2": sign_v2(key, stamp, fix_sender, msg), "fix_sender": fix_sender}
+
+
+def form_body(msg: bytes, timestamp: str, signature: Optional[str], signature_v2: str, fix_sender: bool) -> bytes:
+    """The bytes urlencode() would give for these fields, built field by field (only msg and v1 need quoting)."""
     fields = [b"msg=" + quote_plus(msg).encode("ascii")]
-    if signature_v1:
-        fields.append(b"signature=" + quote_plus(sign_v1(key, msg)).encode("ascii"))
-    fields.append(b"timestamp=" + stamp.encode("ascii"))
-    fields.append(b"signature_v2=" + sign_v2(key, stamp, fix_sender, msg).encode("ascii"))
+    if signature is not None:
+        fields.append(b"signature=" + quote_plus(signature).encode("ascii"))
+    fields.append(b"timestamp=" + timestamp.encode("ascii"))
+    fields.append(b"signature_v2=" + signature_v2.encode("ascii"))
     if fix_sender:
         fields.append(b"fix_sender=true")
     return b"&".join(fields)
@@ -174,12 +191,34 @@ def message_bytes(msg: Union[Message, bytes, bytearray, str]) -> bytes:
 # ---------------------------------------------------------------------------
 
 
+class Endpoint:
+    """One proxy URL, split for http.client."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigurationError(f"GMAIL_PROXY_URL must hold http:// or https:// URLs, not {url!r}")
+        self.url, self.scheme, self.host, self.port = url, parts.scheme, parts.hostname, parts.port
+        self.path = parts.path or "/"
+
+
+def parse_proxy_urls(text: str) -> list:
+    """Split GMAIL_PROXY_URL: one URL, or several separated by whitespace or commas (tried in order)."""
+    return [Endpoint(url) for url in text.replace(",", " ").split()]
+
+
 class GmailProxy:
-    """Send messages to an appengine-mailer proxy over one kept-alive HTTP connection."""
+    """Send messages to an appengine-mailer proxy over one kept-alive HTTP connection.
+
+    With several proxy URLs, a temporary failure on one tries the next.  With a
+    queue_dir, a message that still fails temporarily is spooled there (see
+    Spool) instead of failing, and send_mail returns True: it will be sent by a
+    later flush.  `last_queued` then names its spool entry.
+    """
 
     def __init__(self, secret_key: Union[str, bytes, None] = None, proxy_url: Optional[str] = None,
                  fix_sender: bool = False, fail_silently: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                 *, signature_v1: bool = True, envdir: str = ENVDIR):
+                 *, signature_v1: bool = True, queue_dir: Optional[str] = None, envdir: str = ENVDIR):
         if isinstance(secret_key, bytes):
             secret_key = secret_key.decode("utf-8")
         key = read_setting("GMAIL_SECRET_KEY", secret_key, envdir=envdir)
@@ -189,27 +228,29 @@ class GmailProxy:
         if not url:
             raise ConfigurationError(f"no proxy URL: pass one, or set GMAIL_PROXY_URL (env or {envdir}/)")
         self.key = _first_key(key)
-        parts = urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigurationError(f"GMAIL_PROXY_URL must be an http:// or https:// URL, not {url!r}")
-        self.url = url.strip()
-        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
-        self._path = parts.path or "/"
+        self.endpoints = parse_proxy_urls(url)
+        if not self.endpoints:
+            raise ConfigurationError("GMAIL_PROXY_URL holds no URL")
+        self.url = self.endpoints[0].url
         self.fix_sender = fix_sender
         self.fail_silently = fail_silently
         self.timeout = timeout
         self.signature_v1 = signature_v1
+        self.spool = Spool(queue_dir) if queue_dir else None
+        self.last_queued: Optional[str] = None
+        self._endpoint = self.endpoints[0]
         self._conn: Optional[http.client.HTTPConnection] = None
 
     # -- connection -------------------------------------------------------
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            if self._scheme == "https":
-                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+            endpoint = self._endpoint
+            if endpoint.scheme == "https":
+                self._conn = http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=self.timeout,
                                                          context=ssl.create_default_context())
             else:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+                self._conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=self.timeout)
         return self._conn
 
     def open(self) -> bool:
@@ -226,7 +267,8 @@ class GmailProxy:
             self.close()
             if self.fail_silently:
                 return False
-            raise MessageSendingFailure(f"could not reach the proxy at {self._host}: {_describe(exc)}") from exc
+            raise MessageSendingFailure(f"could not reach the proxy at {self._endpoint.host}: "
+                                        f"{_describe(exc)}") from exc
         return True
 
     def close(self) -> None:
@@ -244,22 +286,49 @@ class GmailProxy:
     # -- sending ----------------------------------------------------------
 
     def send_mail(self, msg: Union[Message, bytes, str]) -> bool:
-        """Send one message; True when the proxy accepted it.
+        """Send one message; True when the proxy accepted it (or, with a queue_dir, spooled it).
 
         Raises MessageSendingFailure on any refusal or network trouble, unless the
         proxy was made with fail_silently=True, in which case it returns False.
         """
+        self.last_queued = None
         try:
             raw = message_bytes(msg)
             if len(raw) > MAX_MESSAGE_BYTES:
                 raise MessageSendingFailure(f"message of {len(raw)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
                                             status=413, reason="too large")
-            self._post(encode_form(raw, self.key, self.fix_sender, signature_v1=self.signature_v1))
+            try:
+                self.send_signed(encode_form(raw, self.key, self.fix_sender, signature_v1=self.signature_v1))
+            except MessageSendingFailure as failure:
+                if self.spool is None or not failure.temporary:
+                    raise
+                self.last_queued = self.spool.add(raw, self.fix_sender, str(failure))
             return True
         except MessageSendingFailure:
             if self.fail_silently:
                 return False
             raise
+
+    def send_signed(self, body: bytes) -> None:
+        """POST a signed form body, trying each proxy URL in turn while failures are temporary.
+
+        The URL that last worked is tried first next time.
+        """
+        failure = None
+        start = self.endpoints.index(self._endpoint)
+        for offset in range(len(self.endpoints)):
+            endpoint = self.endpoints[(start + offset) % len(self.endpoints)]
+            if endpoint is not self._endpoint:
+                self.close()
+                self._endpoint = endpoint
+            try:
+                self._post(body)
+                return
+            except MessageSendingFailure as exc:
+                if not exc.temporary:
+                    raise
+                failure = exc
+        raise failure
 
     def _post(self, body: bytes) -> None:
         """POST the signed body; retry it once, unchanged, on a dropped connection or a 503.
@@ -274,11 +343,12 @@ class GmailProxy:
                 self.close()
                 if attempt == 1:
                     continue
-                raise MessageSendingFailure(f"the proxy at {self._host} dropped the connection: "
+                raise MessageSendingFailure(f"the proxy at {self._endpoint.host} dropped the connection: "
                                             f"{_describe(exc)}") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                raise MessageSendingFailure(f"could not reach the proxy at {self._host}: {_describe(exc)}") from exc
+                raise MessageSendingFailure(f"could not reach the proxy at {self._endpoint.host}: "
+                                            f"{_describe(exc)}") from exc
             if 200 <= status < 300:
                 return
             if status == 503 and attempt == 1:
@@ -289,7 +359,7 @@ class GmailProxy:
 
     def _exchange(self, body: bytes) -> tuple[int, str, float]:
         conn = self._connection()
-        conn.request("POST", self._path, body, REQUEST_HEADERS)
+        conn.request("POST", self._endpoint.path, body, REQUEST_HEADERS)
         response = conn.getresponse()
         text = response.read(MAX_REASON_BYTES + 1)
         if len(text) > MAX_REASON_BYTES or response.will_close:
@@ -312,6 +382,185 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, socket.timeout):
         return "timed out"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# Spool: nothing is lost through an outage
+# ---------------------------------------------------------------------------
+
+FIRST_RETRY_SECONDS = 60
+MAX_RETRY_SECONDS = 4 * 3600
+DEFAULT_MAX_AGE_SECONDS = 5 * 24 * 3600
+# A stored signature is resent unchanged while the server still accepts it, so a
+# message whose 204 was lost is answered from the server's memory, not sent again.
+REUSE_SIGNATURE_SECONDS = REPLAY_WINDOW_SECONDS - 60
+
+
+class SpoolBusy(Exception):
+    """Another flush holds the spool's lock."""
+
+
+class Spool:
+    """A Maildir-style queue of messages waiting for the proxy, flushed oldest first.
+
+    Each entry is one file in new/: a JSON line of bookkeeping (queued time,
+    attempts, next try, last error, and the signed fields of the last attempt),
+    then the message.  Files are written to tmp/, fsynced and renamed, so a crash
+    never leaves half an entry; an entry is deleted only after the proxy accepted
+    it.  Refused or expired messages move to failed/ with a .reason file.  No
+    secret key is ever written here; file names come from the time and pid.
+    """
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.new, self.tmp, self.failed = (os.path.join(self.path, d) for d in ("new", "tmp", "failed"))
+
+    def _ensure(self) -> None:
+        for folder in (self.path, self.new, self.tmp, self.failed):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+
+    def add(self, raw: bytes, fix_sender: bool, reason: str) -> str:
+        """Queue a message; return its entry name."""
+        self._ensure()
+        name = f"{time.time_ns():020d}.{os.getpid()}.{os.urandom(4).hex()}"
+        meta = {"queued_at": time.time(), "attempts": 0, "next_try": 0, "last_error": reason,
+                "fix_sender": fix_sender, "signed": None}
+        self._write(name, meta, raw)
+        return name
+
+    def _write(self, name: str, meta: dict, raw: bytes) -> None:
+        tmp = os.path.join(self.tmp, name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(json.dumps(meta).encode("ascii") + b"\n" + raw)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, os.path.join(self.new, name))
+
+    def _read(self, folder: str, name: str) -> tuple[dict, bytes]:
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read(MAX_MESSAGE_BYTES + 64 * 1024)
+        head, _, raw = data.partition(b"\n")
+        return json.loads(head), raw
+
+    def names(self, folder: Optional[str] = None) -> list:
+        try:
+            return sorted(n for n in os.listdir(folder or self.new) if not n.endswith(".reason"))
+        except FileNotFoundError:
+            return []
+
+    def _fail(self, name: str, raw: bytes, reason: str) -> None:
+        with open(os.path.join(self.failed, name + ".reason"), "w", encoding="utf-8") as f:
+            f.write(reason + "\n")
+        os.replace(os.path.join(self.new, name), os.path.join(self.failed, name))
+
+    @property
+    def _retry_at_file(self) -> str:
+        return os.path.join(self.path, "retry-at")
+
+    def flush(self, proxy: "GmailProxy", max_age: float = DEFAULT_MAX_AGE_SECONDS) -> dict:
+        """Send what is due, oldest first, over proxy's connection; return counts by outcome.
+
+        A temporary failure backs the message off (1 minute, doubling, at most 4
+        hours) and ends the run: the proxy is down, and the next flush waits as
+        long.  Raises SpoolBusy if another flush is running.
+        """
+        if fcntl is None:
+            raise ConfigurationError("the spool needs a POSIX system (fcntl)")
+        self._ensure()
+        report = {"sent": 0, "failed": 0, "deferred": 0, "waiting": 0}
+        with open(os.path.join(self.path, ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SpoolBusy(f"another flush of {self.path} is running") from None
+            now = time.time()
+            if now < self._retry_at(now):
+                report["waiting"] = len(self.names())
+                return report
+            for name in self.names():
+                try:
+                    meta, raw = self._read(self.new, name)
+                except FileNotFoundError:
+                    continue
+                if now - meta["queued_at"] > max_age:
+                    self._fail(name, raw, f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago; "
+                                          f"last error: {meta['last_error']}")
+                    report["failed"] += 1
+                    continue
+                if meta["next_try"] > now:
+                    report["waiting"] += 1
+                    continue
+                outcome = self._send(proxy, name, meta, raw, now)
+                report[outcome] += 1
+                if outcome == "deferred":
+                    report["waiting"] += len(self.names()) - 1
+                    break
+            else:
+                self._clear_retry_at()
+        return report
+
+    def _send(self, proxy: "GmailProxy", name: str, meta: dict, raw: bytes, now: float) -> str:
+        signed = meta.get("signed")
+        if not signed or now - int(signed["timestamp"]) > REUSE_SIGNATURE_SECONDS:
+            signed = sign_request(raw, proxy.key, meta["fix_sender"], signature_v1=proxy.signature_v1)
+            meta["signed"] = signed
+            self._write(name, meta, raw)  # recorded before sending: a rerun resends these exact bytes
+        try:
+            proxy.send_signed(form_body(raw, **signed))
+        except MessageSendingFailure as failure:
+            if not failure.temporary:
+                self._fail(name, raw, str(failure))
+                return "failed"
+            meta["attempts"] += 1
+            delay = min(FIRST_RETRY_SECONDS * 2 ** (meta["attempts"] - 1), MAX_RETRY_SECONDS)
+            meta["next_try"] = now + delay
+            meta["last_error"] = str(failure)
+            self._write(name, meta, raw)
+            self._set_retry_at(now + delay)
+            return "deferred"
+        os.unlink(os.path.join(self.new, name))
+        return "sent"
+
+    def _retry_at(self, now: float) -> float:
+        try:
+            with open(self._retry_at_file) as f:
+                return float(f.read(64) or 0)
+        except (FileNotFoundError, ValueError):
+            return 0.0
+
+    def _set_retry_at(self, when: float) -> None:
+        with open(self._retry_at_file, "w") as f:
+            f.write(f"{when:.0f}\n")
+
+    def _clear_retry_at(self) -> None:
+        try:
+            os.unlink(self._retry_at_file)
+        except FileNotFoundError:
+            pass
+
+    def describe(self) -> list:
+        """One line per queued or failed message: what it is and why it is there."""
+        now = time.time()
+        lines = []
+        for folder, state in ((self.new, "queued"), (self.failed, "failed")):
+            for name in self.names(folder):
+                try:
+                    meta, raw = self._read(folder, name)
+                except (FileNotFoundError, ValueError):
+                    continue
+                head = BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+                subject = " ".join(str(head.get("Subject", "")).split())[:60]
+                if state == "queued":
+                    wait = max(0, meta["next_try"] - now)
+                    why = f"attempts {meta['attempts']}, next try in {wait:.0f}s, last error: {meta['last_error']}"
+                else:
+                    with open(os.path.join(folder, name + ".reason"), encoding="utf-8") as f:
+                        why = f.read().strip()
+                age = (now - meta["queued_at"]) / 60
+                lines.append(f"{state} {name}  age {age:.0f} min  to {head.get('To', '?')}  "
+                             f"subject {subject!r}: {why}")
+        return lines
 
 
 # ---------------------------------------------------------------------------
@@ -418,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     sendmail.add_argument("-F", dest="full_name", metavar="NAME", help="full name for a From made from -f or -r")
     sendmail.add_argument("-B", dest="body_type", metavar="TYPE", help="ignored (8BITMIME is always fine)")
     proxy = parser.add_argument_group("proxy options")
-    proxy.add_argument("--url", help="proxy URL (default: GMAIL_PROXY_URL)")
+    proxy.add_argument("--url", help="proxy URL, or several separated by commas, tried in turn "
+                                     "(default: GMAIL_PROXY_URL)")
     proxy.add_argument("--key-file", metavar="FILE", help="file holding the secret key (default: GMAIL_SECRET_KEY)")
     proxy.add_argument("--envdir", default=ENVDIR, metavar="DIR",
                        help=f"folder of setting files, used when the environment has none (default {ENVDIR})")
@@ -427,6 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--no-signature-v1", dest="signature_v1", action="store_false",
                        help="send only signature v2 (for proxies that require it; old proxies need v1)")
     proxy.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the proxy")
+    spool = parser.add_argument_group("spool (a local queue for outages)")
+    spool.add_argument("--queue", dest="queue_dir", metavar="DIR",
+                       help="when the proxy fails temporarily, queue the message in DIR and exit 0")
+    spool.add_argument("--flush", dest="flush_dir", metavar="DIR",
+                       help="send what is queued in DIR, oldest first (run it from cron)")
+    spool.add_argument("--list", dest="list_dir", metavar="DIR", help="show what is queued or failed in DIR, and why")
+    spool.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_SECONDS / 86400, metavar="DAYS",
+                       help="with --flush: give up on messages queued longer than this (default 5)")
     proxy.add_argument("--version", action="version", version=f"gmail.py {__version__}")
     return parser
 
@@ -505,14 +763,21 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
                     key = f.read(64 * 1024)
             except OSError as exc:
                 raise ConfigurationError(f"cannot read key file {args.key_file}: {exc.strerror}") from None
+        if args.list_dir:
+            print("\n".join(Spool(args.list_dir).describe()) or f"nothing queued in {args.list_dir}")
+            return EX_OK
         mail_mode = bool(args.subject is not None or args.cc or args.bcc or args.attach or args.sender)
         if mail_mode and not args.recipients:
             raise UsageError("-s, -c, -b, -a and -r need at least one RECIPIENT")
+        if args.flush_dir and (args.recipients or mail_mode or args.queue_dir):
+            raise UsageError("--flush sends what is queued: give it no message, recipients or --queue")
         fix_sender = args.fix_sender or (mail_mode and not (args.sender or args.envelope_sender))
         key = read_setting("GMAIL_SECRET_KEY", key, environ, args.envdir)
         url = read_setting("GMAIL_PROXY_URL", args.url, environ, args.envdir)
         with GmailProxy(key, url, fix_sender=fix_sender, timeout=args.timeout, envdir=args.envdir,
-                        signature_v1=args.signature_v1) as proxy:
+                        signature_v1=args.signature_v1, queue_dir=args.queue_dir) as proxy:
+            if args.flush_dir:
+                return _flush(Spool(args.flush_dir), proxy, args.max_age * 86400)
             if args.recipients and (mail_mode or not _looks_like_sendmail_call(args)):
                 raw = message_bytes(build_message(args, _read_stdin(stdin)))
                 envelope = []
@@ -525,6 +790,9 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
                 raise MessageSendingFailure("the message on standard input is empty", status=400)
             for recipient in envelope or [None]:
                 proxy.send_mail(for_one_recipient(raw, recipient) if recipient else raw)
+                if proxy.last_queued:
+                    print(f"gmail.py: the proxy is unavailable; queued in {args.queue_dir} as {proxy.last_queued} "
+                          f"for gmail.py --flush", file=sys.stderr)
         return EX_OK
     except UsageError as exc:
         print(f"gmail.py: {exc} (see --help)", file=sys.stderr)
@@ -541,6 +809,21 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
     except KeyboardInterrupt:
         print("gmail.py: interrupted, message not sent", file=sys.stderr)
         return EX_TEMPFAIL
+
+
+def _flush(spool: Spool, proxy: GmailProxy, max_age: float) -> int:
+    """Flush the spool; quiet unless something was sent or failed, so it suits cron."""
+    try:
+        report = spool.flush(proxy, max_age)
+    except SpoolBusy:
+        return EX_OK  # the running flush will do the work
+    if report["sent"] or report["failed"]:
+        print(f"gmail.py: sent {report['sent']}, failed {report['failed']}, still queued {report['waiting']}"
+              f" ({spool.path})")
+    if report["failed"]:
+        print(f"gmail.py: {report['failed']} message(s) moved to {spool.failed} (see gmail.py --list)",
+              file=sys.stderr)
+    return EX_OK
 
 
 def _looks_like_sendmail_call(args) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -63,6 +64,7 @@ class SMTPSink:
     host: str
     port: int
     received: list = field(default_factory=list)
+    delay: float = 0.0  # seconds the server takes over each message
 
     def wait_for(self, count: int, timeout: float = 20.0) -> list:
         deadline = time.monotonic() + timeout
@@ -76,6 +78,8 @@ class _Handler:
         self.sink = sink
 
     async def handle_DATA(self, server, session, envelope):
+        if self.sink.delay:
+            await asyncio.sleep(self.sink.delay)
         self.sink.received.append(Envelope(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         return "250 OK"
 
