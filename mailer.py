@@ -468,7 +468,8 @@ def _format_address(name: str, spec: str, header: str) -> str:
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM_ADDRESS = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _SIMPLE_ADDRESS = re.compile(
-    rf"[ \t]*(?:(?P<name>(?:{_ATEXT}|[ \t])*?)[ \t]*<(?P<bracketed>{_DOT_ATOM_ADDRESS})>|(?P<bare>{_DOT_ATOM_ADDRESS}))[ \t]*")
+    rf"[ \t]*(?:(?P<name>(?:{_ATEXT}|[ \t])*?)[ \t]*<(?P<bracketed>{_DOT_ATOM_ADDRESS})>"
+    rf"|(?P<bare>{_DOT_ATOM_ADDRESS}))[ \t]*")
 
 
 def simple_addresses(value: str) -> Optional[list[tuple[str, str]]]:
@@ -608,7 +609,9 @@ def cut_base64_bodies(raw: bytes) -> tuple[bytes, dict[str, tuple[bytes, bytes]]
             pos = end if end > body_start else dash + 1
         if end - body_start < MIN_CUT_BYTES or (dash != -1 and raw[end:end + 1] != b"-"):
             continue
-        ending = b"\r\n" if raw.endswith(b"\r\n", 0, end) else raw[end - 1:end] if raw[end - 1:end] in (b"\r", b"\n") else b""
+        ending = raw[end - 2:end] if raw.endswith(b"\r\n", 0, end) else raw[end - 1:end]
+        if ending not in (b"\r\n", b"\r", b"\n"):
+            ending = b""
         body = raw[body_start:end - len(ending)]
         if body.translate(None, BASE64_LINE_BYTES):
             continue

@@ -13,7 +13,8 @@ import mailer
 
 PRINTABLE = st.one_of(
     st.binary(max_size=200).map(lambda b: bytes(0x21 + c % 94 for c in b).replace(b"&", b"~")),
-    st.lists(st.sampled_from([b"%", b"4", b"a", b"F", b"g", b"=", b"+", b"%3D", b"%41", b"z"]), max_size=12).map(b"".join),
+    st.lists(st.sampled_from([b"%", b"4", b"a", b"F", b"g", b"=", b"+", b"%3D", b"%41", b"z"]),
+             max_size=12).map(b"".join),
 )
 BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 

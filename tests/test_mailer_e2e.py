@@ -5,16 +5,14 @@ from __future__ import annotations
 import http.client
 import os
 import socket
-import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from urllib.parse import urlsplit
 
-import pytest
 
-from conftest import KEY, form, server_env
+from conftest import form, server_env
 
 
 def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, str]:
