@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -119,17 +120,23 @@ class RecordingMailStub:
             self.sent.append(copy)
 
 
-@pytest.fixture
-def mail_stub():
+@contextlib.contextmanager
+def stub_for(service: str, stub):
+    """Register `stub` for an App Engine service for the duration, then put back what was there."""
     from google.appengine.api import apiproxy_stub_map
 
-    stub = RecordingMailStub()
-    previous = apiproxy_stub_map.apiproxy.GetStub("mail")
-    apiproxy_stub_map.apiproxy.ReplaceStub("mail", stub)
+    previous = apiproxy_stub_map.apiproxy.GetStub(service)
+    apiproxy_stub_map.apiproxy.ReplaceStub(service, stub)
     try:
         yield stub
     finally:
-        apiproxy_stub_map.apiproxy.ReplaceStub("mail", previous)
+        apiproxy_stub_map.apiproxy.ReplaceStub(service, previous)
+
+
+@pytest.fixture
+def mail_stub():
+    with stub_for("mail", RecordingMailStub()) as stub:
+        yield stub
 
 
 # --------------------------------------------------------------------------- server process

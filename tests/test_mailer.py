@@ -18,6 +18,7 @@ from conftest import KEY, OTHER_KEY, form, sign
 
 
 def make_message(**overrides) -> EmailMessage:
+    """A plain message; keyword arguments set headers (Reply_To for Reply-To)."""
     msg = EmailMessage()
     msg["From"] = overrides.pop("From", "Sender <sender@example.com>")
     msg["To"] = overrides.pop("To", "Rcpt <rcpt@example.com>")

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 
 from conftest import form, server_env
+from test_mailer import make_message
 
 
 def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, str]:
@@ -25,14 +26,8 @@ def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, str]:
 
 
 def message(**headers) -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"] = headers.pop("From", "Sender <sender@example.com>")
-    msg["To"] = headers.pop("To", "rcpt@example.com")
-    msg["Subject"] = headers.pop("Subject", "Hello")
-    for name, value in headers.items():
-        msg[name] = value
-    msg.set_content("Plain body\n")
-    return msg
+    headers.setdefault("To", "rcpt@example.com")
+    return make_message(**headers)
 
 
 def test_full_message_arrives_as_sent(smtp_server):

@@ -10,13 +10,12 @@ from urllib.parse import urlencode
 
 import pytest
 import webtest
-from google.appengine.api import apiproxy_stub_map
 from google.appengine.api.memcache import memcache_stub
 from google.appengine.runtime import apiproxy_errors
 
 import gmail
 import mailer
-from conftest import KEY, OTHER_KEY, server_env
+from conftest import KEY, OTHER_KEY, server_env, stub_for
 from test_mailer import make_message
 
 NOW = 1_800_000_000
@@ -176,13 +175,8 @@ def test_in_process_store_forgets_after_ttl():
 @pytest.fixture
 def memcache():
     clock = Clock()
-    stub = memcache_stub.MemcacheServiceStub(gettime=clock)
-    previous = apiproxy_stub_map.apiproxy.GetStub("memcache")
-    apiproxy_stub_map.apiproxy.ReplaceStub("memcache", stub)
-    try:
+    with stub_for("memcache", memcache_stub.MemcacheServiceStub(gettime=clock)):
         yield clock
-    finally:
-        apiproxy_stub_map.apiproxy.ReplaceStub("memcache", previous)
 
 
 def test_memcache_store_against_sdk_stub(memcache):
