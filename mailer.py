@@ -140,6 +140,8 @@ def http_error_for_send_failure(exc: Exception) -> HTTPError:
         return BadRequest(f"unauthorized sender: {exc}".rstrip(": "))
     if isinstance(exc, CLIENT_MAIL_ERRORS):
         return BadRequest(f"the mail service refused the message: {type(exc).__name__}: {exc}")
+    if isinstance(exc, UnicodeError):
+        return BadRequest("the message holds text that cannot be encoded for sending")
     if isinstance(exc, (mail_errors.Error, apiproxy_errors.Error, OSError)):
         return ServiceUnavailable("the mail service is unavailable, retry later")
     raise exc

@@ -320,3 +320,9 @@ def test_attached_message_stays_whole(app, mail_stub):
     [attachment] = sent.Attachment
     assert attachment.FileName == "attachment.eml"
     assert b"Subject: Forwarded" in attachment.Data and b"Plain body" in attachment.Data
+
+
+def test_text_the_sdk_cannot_encode_is_400(app, mail_stub):
+    mail_stub.fail_with = UnicodeEncodeError("utf-8", "\udc80", 0, 1, "surrogates not allowed")
+    res = send(app, make_message(), status=400)
+    assert "cannot be encoded" in res.text
