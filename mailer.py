@@ -58,6 +58,8 @@ log = logging.getLogger("appengine_mailer")
 HERE = Path(__file__).resolve().parent
 MAX_BODY_BYTES = 32 * 1024 * 1024  # App Engine's own request size cap.
 MAX_FORM_FIELDS = 16
+MAX_HEADERS = 5000  # in the whole message, all parts together (a part has about 4)
+MAX_PARTS = 500
 DEFAULT_MAX_RECIPIENTS = 100
 DEFAULT_SMTP_TIMEOUT = 30.0
 MIN_KEY_LENGTH = 16
@@ -698,6 +700,12 @@ def parse_message(raw: bytes) -> Message:
         raise BadRequest(f"msg is not a parseable email message ({type(exc).__name__})") from None
     if not message.keys():
         raise BadRequest("msg has no headers: it is not an RFC 2822 message")
+    parts = headers = 0
+    for part in message.walk():
+        parts += 1
+        headers += len(part)
+        if parts > MAX_PARTS or headers > MAX_HEADERS:
+            raise BadRequest(f"message has more than {MAX_PARTS} MIME parts or {MAX_HEADERS} header lines")
     return message
 
 

@@ -198,6 +198,13 @@ def _with_exe():
     return msg.as_bytes()
 
 
+def _with_parts(count: int) -> bytes:
+    msg = make_message()
+    for i in range(count):
+        msg.add_attachment(b"x", "application", "octet-stream", filename=f"f{i}.bin")
+    return msg.as_bytes()
+
+
 BAD_REQUESTS = [
     ("missing msg", b"signature=abc", "'msg'"),
     ("empty msg", b"msg=&signature=abc", "'msg'"),
@@ -215,6 +222,8 @@ BAD_REQUESTS = [
     ("bad recipient", form(make_message(To="not an address").as_bytes()), "not a valid email address"),
     ("no sender", form(_without_from()), "no From address"),
     ("forbidden attachment", form(_with_exe()), ".exe"),
+    ("too many headers", form(b"From: a@b.com\nTo: c@d.com\n" + b"X-A: b\n" * 5000 + b"\nx"), "header lines"),
+    ("too many parts", form(_with_parts(500)), "MIME parts"),
     ("too many recipients", form(make_message(To=", ".join(f"r{i}@x.com" for i in range(101))).as_bytes()),
      "more than the limit of 100"),
 ]
@@ -326,3 +335,8 @@ def test_text_the_sdk_cannot_encode_is_400(app, mail_stub):
     mail_stub.fail_with = UnicodeEncodeError("utf-8", "\udc80", 0, 1, "surrogates not allowed")
     res = send(app, make_message(), status=400)
     assert "cannot be encoded" in res.text
+
+
+def test_many_parts_and_headers_under_the_caps_are_fine(app, mail_stub):
+    send(app, _with_parts(400), status=204)
+    assert len(mail_stub.sent[0].Attachment) == 400
