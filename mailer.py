@@ -35,6 +35,7 @@ import socketserver
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from email import policy
 from email.errors import HeaderParseError
@@ -857,6 +858,11 @@ class Mailer:
         except HTTPError as err:
             return self._respond(start_response, err.status, err.reason + "\n", "text/plain; charset=utf-8",
                                  method, err.headers)
+        except Exception as exc:  # a bug: answer without a traceback, whose text could quote the message
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error("internal error: %s at %s:%d", type(exc).__name__, Path(frame.filename).name, frame.lineno)
+            return self._respond(start_response, "500 Internal Server Error", "internal error\n",
+                                 "text/plain; charset=utf-8", method)
         start_response("204 No Content", [])
         return []
 

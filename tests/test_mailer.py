@@ -340,3 +340,10 @@ def test_text_the_sdk_cannot_encode_is_400(app, mail_stub):
 def test_many_parts_and_headers_under_the_caps_are_fine(app, mail_stub):
     send(app, _with_parts(400), status=204)
     assert len(mail_stub.sent[0].Attachment) == 400
+
+
+def test_a_bug_answers_500_without_leaking_the_message(app, mail_stub, caplog):
+    mail_stub.fail_with = RuntimeError("TOP-SECRET-BODY in an exception message")
+    res = send(app, make_message(), status=500)
+    assert res.text == "internal error\n"
+    assert "internal error: RuntimeError at" in caplog.text and "TOP-SECRET-BODY" not in caplog.text
