@@ -31,15 +31,16 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import formataddr, getaddresses
 from typing import Optional, Union
+from urllib.parse import quote_plus, urlsplit
 
 try:
     import fcntl
 except ImportError:  # not POSIX: everything but the spool's flush still works
     fcntl = None
-from urllib.parse import quote_plus, urlsplit
 
 __version__ = "2.0.0"
-__all__ = ["GmailProxy", "MessageSendingFailure", "ConfigurationError", "sign_v1", "sign_v2", "main"]
+__all__ = ["GmailProxy", "MessageSendingFailure", "ConfigurationError", "Spool", "SpoolBusy", "sign_v1", "sign_v2",
+           "main"]
 
 ENVDIR = "/etc/envdir"
 DEFAULT_TIMEOUT = 30.0
@@ -52,7 +53,7 @@ REQUEST_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "User-Ag
 DROPPED_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 # sysexits.h
-EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_SOFTWARE = 0, 64, 65, 66, 70
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_IOERR = 0, 64, 65, 66, 74
 EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
 
 
@@ -195,10 +196,14 @@ class Endpoint:
     """One proxy URL, split for http.client."""
 
     def __init__(self, url: str):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            parts = port = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigurationError(f"GMAIL_PROXY_URL must hold http:// or https:// URLs, not {url!r}")
-        self.url, self.scheme, self.host, self.port = url, parts.scheme, parts.hostname, parts.port
+        self.url, self.scheme, self.host, self.port = url, parts.scheme, parts.hostname, port
         self.path = parts.path or "/"
 
 
@@ -302,7 +307,11 @@ class GmailProxy:
             except MessageSendingFailure as failure:
                 if self.spool is None or not failure.temporary:
                     raise
-                self.last_queued = self.spool.add(raw, self.fix_sender, str(failure))
+                try:
+                    self.last_queued = self.spool.add(raw, self.fix_sender, str(failure))
+                except OSError as exc:  # not queued: the caller must keep the message, so fail as before
+                    raise MessageSendingFailure(f"{failure}; and it could not be queued in {self.spool.path}: "
+                                                f"{exc.strerror}") from exc
             return True
         except MessageSendingFailure:
             if self.fail_silently:
@@ -628,6 +637,10 @@ class UsageError(Exception):
     """The command line is wrong (exit 64)."""
 
 
+class InputError(Exception):
+    """A file named on the command line cannot be read (exit 66)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -645,9 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
                "else the files /etc/envdir/GMAIL_PROXY_URL and /etc/envdir/GMAIL_SECRET_KEY.\n"
                "If RECIPIENT is set (Exim's pipe transport sets it), the message goes to that\n"
                "recipient alone.\n\n"
-               "Exit status (sysexits.h): 0 sent; 75 temporary failure, retry later (proxy down,\n"
-               "timeout, 5xx, 429); 65 message refused; 77 permission refused; 64 usage error;\n"
-               "66 input file missing; 78 configuration missing.")
+               "Exit status (sysexits.h): 0 sent (or queued with --queue); 75 temporary failure,\n"
+               "retry later (proxy down, timeout, 5xx, 429); 65 message refused; 77 permission\n"
+               "refused; 64 usage error; 66 input file missing; 74 spool not writable;\n"
+               "78 configuration missing.")
     parser.add_argument("recipients", nargs="*", metavar="RECIPIENT", help="send to these addresses")
     mail = parser.add_argument_group("mail(1) options")
     mail.add_argument("-s", dest="subject", metavar="SUBJECT", help="subject of the message")
@@ -721,7 +735,7 @@ def build_message(args, body: bytes) -> EmailMessage:
             with open(path, "rb") as f:
                 data = f.read(MAX_MESSAGE_BYTES + 1)
         except OSError as exc:
-            raise FileNotFoundError(f"cannot read attachment {path}: {exc.strerror}") from None
+            raise InputError(f"cannot read attachment {path}: {exc.strerror}") from None
         kind, _ = mimetypes.guess_type(path)
         maintype, _, subtype = (kind or "application/octet-stream").partition("/")
         msg.add_attachment(data, maintype, subtype, filename=os.path.basename(path))
@@ -800,12 +814,15 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
     except ConfigurationError as exc:
         print(f"gmail.py: {exc}", file=sys.stderr)
         return EX_CONFIG
-    except FileNotFoundError as exc:
+    except InputError as exc:
         print(f"gmail.py: {exc}", file=sys.stderr)
         return EX_NOINPUT
     except MessageSendingFailure as exc:
         print(f"gmail.py: {exc}", file=sys.stderr)
         return exit_code_for(exc)
+    except OSError as exc:  # the spool's folder cannot be made or written
+        print(f"gmail.py: {exc.filename}: {exc.strerror}" if exc.filename else f"gmail.py: {exc}", file=sys.stderr)
+        return EX_IOERR
     except KeyboardInterrupt:
         print("gmail.py: interrupted, message not sent", file=sys.stderr)
         return EX_TEMPFAIL

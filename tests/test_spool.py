@@ -207,3 +207,17 @@ def test_response_lost_after_sending_is_not_delivered_twice(start_server, smtp_s
         assert spool.flush(proxy)["sent"] == 1  # the same signed request again: 204, not sent again
     time.sleep(0.5)
     assert subjects(smtp_sink) == {"queued 0": 1} and entries(spool_dir) == []
+
+
+def test_unwritable_spool_keeps_the_temporary_exit_code(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = cli("--queue", str(blocker / "spool"), "-s", "x", "you@example.com", url=dead_url(), stdin=b"hi\n")
+    assert result.returncode == 75 and b"could not be queued" in result.stderr  # the caller keeps the message
+    result = cli("--flush", str(blocker / "spool"), url=dead_url())
+    assert result.returncode == 74 and b"Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_malformed_proxy_url_is_a_configuration_error(tmp_path):
+    result = cli("-s", "x", "you@example.com", url="http://proxy:notaport/", stdin=b"hi\n")
+    assert result.returncode == 78 and b"http://proxy:notaport/" in result.stderr
