@@ -753,13 +753,29 @@ def _with_from(raw: bytes, args) -> bytes:
     return line + raw
 
 
-def exit_code_for(failure: MessageSendingFailure) -> int:
-    """Choose the sysexits code: 75 tells an MTA to keep the message and retry."""
-    if failure.temporary:
-        return EX_TEMPFAIL
-    if failure.status in (401, 403):
-        return EX_NOPERM
-    return EX_DATAERR
+COMMAND_LINE_ERRORS = (UsageError, ConfigurationError, InputError, MessageSendingFailure, OSError, KeyboardInterrupt)
+
+
+def exit_code_for(error: BaseException) -> int:
+    """Choose the sysexits code for a failure: 75 tells an MTA to keep the message and retry."""
+    if isinstance(error, MessageSendingFailure):
+        if error.temporary:
+            return EX_TEMPFAIL
+        return EX_NOPERM if error.status in (401, 403) else EX_DATAERR
+    codes = {UsageError: EX_USAGE, ConfigurationError: EX_CONFIG, InputError: EX_NOINPUT, OSError: EX_IOERR,
+             KeyboardInterrupt: EX_TEMPFAIL}
+    return next(code for kind, code in codes.items() if isinstance(error, kind))
+
+
+def error_line(error: BaseException) -> str:
+    """The one line of standard error that says what went wrong."""
+    if isinstance(error, UsageError):
+        return f"gmail.py: {error} (see --help)"
+    if isinstance(error, KeyboardInterrupt):
+        return "gmail.py: interrupted, message not sent"
+    if isinstance(error, OSError) and error.filename:
+        return f"gmail.py: {error.filename}: {error.strerror}"  # the spool's folder cannot be made or written
+    return f"gmail.py: {error}"
 
 
 def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
@@ -808,24 +824,9 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
                     print(f"gmail.py: the proxy is unavailable; queued in {args.queue_dir} as {proxy.last_queued} "
                           f"for gmail.py --flush", file=sys.stderr)
         return EX_OK
-    except UsageError as exc:
-        print(f"gmail.py: {exc} (see --help)", file=sys.stderr)
-        return EX_USAGE
-    except ConfigurationError as exc:
-        print(f"gmail.py: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    except InputError as exc:
-        print(f"gmail.py: {exc}", file=sys.stderr)
-        return EX_NOINPUT
-    except MessageSendingFailure as exc:
-        print(f"gmail.py: {exc}", file=sys.stderr)
+    except COMMAND_LINE_ERRORS as exc:
+        print(error_line(exc), file=sys.stderr)
         return exit_code_for(exc)
-    except OSError as exc:  # the spool's folder cannot be made or written
-        print(f"gmail.py: {exc.filename}: {exc.strerror}" if exc.filename else f"gmail.py: {exc}", file=sys.stderr)
-        return EX_IOERR
-    except KeyboardInterrupt:
-        print("gmail.py: interrupted, message not sent", file=sys.stderr)
-        return EX_TEMPFAIL
 
 
 def _flush(spool: Spool, proxy: GmailProxy, max_age: float) -> int:
