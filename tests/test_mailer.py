@@ -347,3 +347,23 @@ def test_a_bug_answers_500_without_leaking_the_message(app, mail_stub, caplog):
     res = send(app, make_message(), status=500)
     assert res.text == "internal error\n"
     assert "internal error: RuntimeError at" in caplog.text and "TOP-SECRET-BODY" not in caplog.text
+
+
+def test_importing_mailer_keeps_a_registered_mail_stub(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("from google.appengine.api import apiproxy_stub_map\n"
+            "class Mine:\n    def MakeSyncCall(self, *args): pass\n"
+            "mine = Mine()\n"
+            "apiproxy_stub_map.apiproxy.RegisterStub('mail', mine)\n"
+            "import mailer\n"
+            "assert apiproxy_stub_map.apiproxy.GetStub('mail') is mine\n"
+            "print(mailer.delivery_mode())\n")
+    env = {"PATH": "/usr/bin:/bin", "GMAIL_SECRET_KEY": "k" * 20, "GMAIL_OUTBOX": str(tmp_path / "outbox")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "stub" and not (tmp_path / "outbox").exists()
