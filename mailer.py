@@ -972,6 +972,19 @@ def make_app(keys: Iterable, default_sender: Optional[str] = None, **limits) -> 
     return Mailer(list(keys), default_sender, **limits)
 
 
+def _number_setting(environ: dict, name: str, default: float) -> float:
+    """A positive number from the environment; a bad one stops the server with a line saying so."""
+    text = environ.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = 0
+    if value <= 0:
+        print(f"mailer.py: {name} must be a positive number, not {text!r}", file=sys.stderr)
+        raise SystemExit(78)
+    return value
+
+
 def app_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> Mailer:
     """Build the app from the environment and key files, setting up local delivery.
 
@@ -982,7 +995,7 @@ def app_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> M
     environ = os.environ if environ is None else environ
     if smtp_mode(environ):
         if socket.getdefaulttimeout() is None:
-            socket.setdefaulttimeout(float(environ.get("GMAIL_SMTP_TIMEOUT", DEFAULT_SMTP_TIMEOUT)))
+            socket.setdefaulttimeout(_number_setting(environ, "GMAIL_SMTP_TIMEOUT", DEFAULT_SMTP_TIMEOUT))
     elif not on_app_engine(environ):
         install_outbox(Path(environ.get("GMAIL_OUTBOX", root / "outbox")))
     options = {
@@ -990,8 +1003,7 @@ def app_from_environment(environ: Optional[dict] = None, root: Path = HERE) -> M
         # On App Engine many instances serve one proxy: only memcache is shared by all.
         "replay_store": MemcacheReplayStore() if on_app_engine(environ) else InProcessReplayStore(),
     }
-    if environ.get("GMAIL_MAX_RECIPIENTS"):
-        options["max_recipients"] = int(environ["GMAIL_MAX_RECIPIENTS"])
+    options["max_recipients"] = int(_number_setting(environ, "GMAIL_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS))
     return make_app(keys_from_environment(environ, root), default_sender_from_environment(environ, root), **options)
 
 

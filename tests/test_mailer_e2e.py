@@ -12,6 +12,8 @@ from email.message import EmailMessage
 from urllib.parse import urlsplit
 
 
+import pytest
+
 from conftest import form, server_env
 from test_mailer import make_message
 
@@ -145,3 +147,17 @@ def test_no_key_exits_with_instructions(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 78
     assert "GMAIL_SECRET_KEY" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, value", [("GMAIL_MAX_RECIPIENTS", "lots"), ("GMAIL_MAX_RECIPIENTS", "-1"),
+                                         ("GMAIL_SMTP_TIMEOUT", "soon")])
+def test_bad_number_setting_stops_with_one_line(tmp_path, smtp_sink, name, value):
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    env = server_env(tmp_path, smtp_sink, **{name: value})
+    result = subprocess.run([sys.executable, str(ROOT / "mailer.py"), "--port", "0"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 78 and result.stderr.strip() == f"mailer.py: {name} must be a positive number, " \
+                                                                f"not {value!r}"
