@@ -888,11 +888,10 @@ class Mailer:
         if content_type != "application/x-www-form-urlencoded":
             raise UnsupportedMediaType(
                 f"content type {content_type or 'missing'!r}: send application/x-www-form-urlencoded")
-        size = int(environ.get("CONTENT_LENGTH") or 0)
         try:
             self.send(parse_form(read_body(environ, self.max_body)))
         except HTTPError as err:
-            log.info("refused: %s (%s) size=%d", err.status, err.reason, size)
+            log.info("refused: %s (%s) Content-Length=%r", err.status, err.reason, environ.get("CONTENT_LENGTH"))
             raise
 
     def send(self, form: dict[str, bytes]) -> None:

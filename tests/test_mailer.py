@@ -264,13 +264,14 @@ def test_body_over_limit_is_refused_before_reading(mail_stub):
     assert seen == ["413 Payload Too Large"] and b"1000-byte limit" in body
 
 
-def test_bad_content_length_is_400(mail_stub):
+@pytest.mark.parametrize("length", ["+12", "abc", "1e3", " 12", "-1"])
+def test_bad_content_length_is_400(mail_stub, length):
     app = mailer.make_app([KEY])
     environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "CONTENT_TYPE": "application/x-www-form-urlencoded",
-               "CONTENT_LENGTH": "+12", "wsgi.input": None}
+               "CONTENT_LENGTH": length, "wsgi.input": None}
     seen = []
-    app(environ, lambda status, headers: seen.append(status))
-    assert seen == ["400 Bad Request"]
+    body = b"".join(app(environ, lambda status, headers: seen.append(status)))
+    assert seen == ["400 Bad Request"] and b"is not a number" in body
 
 
 def test_no_keys_configured_is_503(mail_stub):
