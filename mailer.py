@@ -480,10 +480,9 @@ _SIMPLE_ADDRESS = re.compile(
 def simple_addresses(value: str) -> Optional[list[tuple[str, str]]]:
     """getaddresses() for the common plain shapes ("Name <a@b.c>", "a@b.c", comma-separated); else None.
 
-    Lists with empty items are left to the stdlib too (3.13 treats some as errors).
-
-    No quotes, comments, groups, domain literals or folding: those go to the
-    stdlib, which this must agree with exactly (tests/test_fastpaths.py).
+    No quotes, comments, groups, domain literals, folding or empty list items
+    (3.13 treats some as errors): those go to the stdlib, which this must agree
+    with exactly (tests/test_fastpaths.py).
     """
     if any(c in value for c in '"()\\:;[]\r\n'):
         return None
@@ -547,21 +546,23 @@ def _leaf_parts(message: Message) -> Iterable[Message]:
         yield message
 
 
+_BODY_FIELDS = {"text/plain": "body", "text/html": "html"}
+
+
 def _bodies_and_attachments(message: Message) -> tuple[dict, list[mail.Attachment]]:
     bodies: dict[str, str] = {}
     attachments: list[mail.Attachment] = []
     for part in _leaf_parts(message):
         kind = part.get_content_type()
         filename = part.get_filename()
-        body_field = {"text/plain": "body", "text/html": "html"}.get(kind)
+        body_field = _BODY_FIELDS.get(kind)
         is_attachment = bool(filename) or part.get_content_disposition() == "attachment"
         if body_field and body_field not in bodies and not is_attachment and "Content-ID" not in part:
             bodies[body_field] = _decode_text(part)
             continue
         if kind == "message/rfc822" or kind.startswith("multipart/"):
-            data = part.as_bytes() if not part.is_multipart() else b""
-            if isinstance(part.get_payload(), list):
-                data = b"".join(sub.as_bytes() for sub in part.get_payload())
+            payload = part.get_payload()
+            data = b"".join(sub.as_bytes() for sub in payload) if isinstance(payload, list) else part.as_bytes()
         else:
             data = decode_payload(part)
         name = _attachment_name(part, filename, len(attachments))
@@ -582,8 +583,6 @@ def _bodies_and_attachments(message: Message) -> tuple[dict, list[mail.Attachmen
 # walking a multi-megabyte attachment line by line.
 BASE64_LINE_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
 MIN_CUT_BYTES = 8 * 1024  # below this, cutting costs more than the parse it saves
-
-
 MAX_HEADER_BLOCK = 64 * 1024
 
 
@@ -941,8 +940,9 @@ class Mailer:
         try:
             self._deliver(outgoing, sender, reply_to)
         except mail_errors.InvalidSenderError as exc:
-            if not fix_sender or str(exc).startswith("SMTP authentication failed"):
-                raise http_error_for_send_failure(exc) from None
+            refusal = http_error_for_send_failure(exc)
+            if not fix_sender or not isinstance(refusal, BadRequest):  # only a refused sender falls back
+                raise refusal from None
             fallback = self._default_sender_or_refuse(f"sender {sender!r} is not authorized")
             self._deliver(outgoing, fallback, reply_to or sender)
         log.info("sent: size=%d recipients=%d attachments=%d",

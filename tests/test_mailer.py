@@ -368,3 +368,18 @@ def test_importing_mailer_keeps_a_registered_mail_stub(tmp_path):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "stub" and not (tmp_path / "outbox").exists()
+
+
+def test_smtp_credentials_refused_is_503_even_with_fix_sender(app, mail_stub):
+    from google.appengine.api import mail_errors
+
+    calls = []
+
+    def refuse(request):
+        calls.append(request.Sender)
+        return mail_errors.InvalidSenderError("SMTP authentication failed: 535 bad credentials")
+
+    mail_stub.fail_with = refuse
+    res = send(app, make_message(), status=503, fix_sender="true")
+    assert "credentials" in res.text and res.headers["Retry-After"]
+    assert calls == ["Sender <sender@example.com>"]  # no second try from the default sender
