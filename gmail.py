@@ -458,7 +458,7 @@ class Spool:
         except FileNotFoundError:
             return []
 
-    def _fail(self, name: str, raw: bytes, reason: str) -> None:
+    def _fail(self, name: str, reason: str) -> None:
         with open(os.path.join(self.failed, name + ".reason"), "w", encoding="utf-8") as f:
             f.write(reason + "\n")
         os.replace(os.path.join(self.new, name), os.path.join(self.failed, name))
@@ -484,16 +484,17 @@ class Spool:
             except BlockingIOError:
                 raise SpoolBusy(f"another flush of {self.path} is running") from None
             now = time.time()
-            if now < self._retry_at(now):
-                report["waiting"] = len(self.names())
+            names = self.names()
+            if now < self._retry_at():
+                report["waiting"] = len(names)
                 return report
-            for name in self.names():
+            for index, name in enumerate(names):
                 try:
                     meta, raw = self._read(self.new, name)
                 except FileNotFoundError:
                     continue
                 if now - meta["queued_at"] > max_age:
-                    self._fail(name, raw, f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago; "
+                    self._fail(name, f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago; "
                                           f"last error: {meta['last_error']}")
                     report["failed"] += 1
                     continue
@@ -503,7 +504,7 @@ class Spool:
                 outcome = self._send(proxy, name, meta, raw, now)
                 report[outcome] += 1
                 if outcome == "deferred":
-                    report["waiting"] += len(self.names()) - 1
+                    report["waiting"] += len(names) - index - 1  # those not looked at yet
                     break
             else:
                 self._clear_retry_at()
@@ -519,7 +520,7 @@ class Spool:
             proxy.send_signed(form_body(raw, **signed))
         except MessageSendingFailure as failure:
             if not failure.temporary:
-                self._fail(name, raw, str(failure))
+                self._fail(name, str(failure))
                 return "failed"
             meta["attempts"] += 1
             delay = min(FIRST_RETRY_SECONDS * 2 ** (meta["attempts"] - 1), MAX_RETRY_SECONDS)
@@ -531,7 +532,7 @@ class Spool:
         os.unlink(os.path.join(self.new, name))
         return "sent"
 
-    def _retry_at(self, now: float) -> float:
+    def _retry_at(self) -> float:
         try:
             with open(self._retry_at_file) as f:
                 return float(f.read(64) or 0)
@@ -836,7 +837,8 @@ def _flush(spool: Spool, proxy: GmailProxy, max_age: float) -> int:
     except SpoolBusy:
         return EX_OK  # the running flush will do the work
     if report["sent"] or report["failed"]:
-        print(f"gmail.py: sent {report['sent']}, failed {report['failed']}, still queued {report['waiting']}"
+        print(f"gmail.py: sent {report['sent']}, failed {report['failed']}, "
+              f"still queued {report['waiting'] + report['deferred']}"
               f" ({spool.path})")
     if report["failed"]:
         print(f"gmail.py: {report['failed']} message(s) moved to {spool.failed} (see gmail.py --list)",

@@ -221,3 +221,18 @@ def test_unwritable_spool_keeps_the_temporary_exit_code(tmp_path):
 def test_malformed_proxy_url_is_a_configuration_error(tmp_path):
     result = cli("-s", "x", "you@example.com", url="http://proxy:notaport/", stdin=b"hi\n")
     assert result.returncode == 78 and b"http://proxy:notaport/" in result.stderr
+
+
+def test_flush_report_counts_each_message_once(reference_server, tmp_path):
+    spool_dir = tmp_path / "spool"
+    queue(spool_dir, 4)
+    spool = gmail.Spool(str(spool_dir))
+    first = spool.names()[0]
+    meta, raw = spool._read(spool.new, first)
+    meta["next_try"] = time.time() + 3600  # the oldest is backed off already
+    spool._write(first, meta, raw)
+    reference_server.force_status, reference_server.retry_after = 503, "0"
+    with gmail.GmailProxy(KEY, reference_server.url) as proxy:
+        report = spool.flush(proxy)
+    assert report == {"sent": 0, "failed": 0, "deferred": 1, "waiting": 2 + 1}  # 1 backed off + 2 not tried
+    assert sum(report.values()) == 4
