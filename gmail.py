@@ -450,7 +450,11 @@ class Spool:
         with open(os.path.join(folder, name), "rb") as f:
             data = f.read(MAX_MESSAGE_BYTES + 64 * 1024)
         head, _, raw = data.partition(b"\n")
-        return json.loads(head), raw
+        meta = json.loads(head)
+        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), (int, float))
+                                                 for k in ("queued_at", "attempts", "next_try")):
+            raise ValueError("not gmail.py's bookkeeping")
+        return meta, raw
 
     def names(self, folder: Optional[str] = None) -> list:
         try:
@@ -492,6 +496,10 @@ class Spool:
                 try:
                     meta, raw = self._read(self.new, name)
                 except FileNotFoundError:
+                    continue
+                except ValueError:  # damaged: set it aside, never block the queue
+                    self._fail(name, "unreadable spool entry: its first line is not gmail.py's bookkeeping")
+                    report["failed"] += 1
                     continue
                 if now - meta["queued_at"] > max_age:
                     self._fail(name, f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago; "
@@ -557,8 +565,10 @@ class Spool:
             for name in self.names(folder):
                 try:
                     meta, raw = self._read(folder, name)
-                except (FileNotFoundError, ValueError):
+                except FileNotFoundError:
                     continue
+                except ValueError:
+                    meta, raw = {"queued_at": now, "attempts": 0, "next_try": 0, "last_error": "unreadable"}, b""
                 head = BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
                 subject = " ".join(str(head.get("Subject", "")).split())[:60]
                 if state == "queued":

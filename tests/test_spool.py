@@ -236,3 +236,17 @@ def test_flush_report_counts_each_message_once(reference_server, tmp_path):
         report = spool.flush(proxy)
     assert report == {"sent": 0, "failed": 0, "deferred": 1, "waiting": 2 + 1}  # 1 backed off + 2 not tried
     assert sum(report.values()) == 4
+
+
+def test_damaged_entry_is_set_aside_and_the_rest_still_flows(start_server, smtp_sink, tmp_path):
+    spool_dir = tmp_path / "spool"
+    queue(spool_dir, 2)
+    damaged = spool_dir / "new" / "00000000000000000001.1.damaged"  # sorts first
+    damaged.write_bytes(b"not json\nTo: a@b.c\n\nx\n")
+    server = start_server(server_env(tmp_path, smtp_sink))
+    result = cli("--flush", str(spool_dir), url=server.url)
+    assert result.returncode == 0 and b"Traceback" not in result.stderr
+    assert b"sent 2, failed 1" in result.stdout
+    assert (spool_dir / "failed" / damaged.name).exists() and entries(spool_dir) == []
+    assert "unreadable" in (spool_dir / "failed" / (damaged.name + ".reason")).read_text()
+    assert f"failed {damaged.name}" in cli("--list", str(spool_dir), url=server.url).stdout.decode()
