@@ -608,15 +608,9 @@ def for_one_recipient(raw: bytes, recipient: str) -> bytes:
         head, sep, body = raw, b"\n\n", b""
     message = BytesParser(policy=policy.compat32).parsebytes(head + sep, headersonly=True)
     wanted = recipient.strip().lower()
-    where, name = "Bcc", ""
-    for header in RECIPIENT_HEADERS:
-        for display, address in getaddresses([str(v) for v in message.get_all(header, [])]):
-            if address.lower() == wanted:
-                where, name = header, display
-                break
-        else:
-            continue
-        break
+    where, name = next(((header, display) for header in RECIPIENT_HEADERS
+                        for display, address in getaddresses([str(v) for v in message.get_all(header, [])])
+                        if address.lower() == wanted), ("Bcc", ""))
     newline = b"\r\n" if sep == b"\r\n\r\n" else b"\n"
     kept = [line for line in _header_lines(head) if not _is_recipient_header(line)]
     line = f"{where}: {formataddr((name, recipient.strip()))}".encode("utf-8")
