@@ -14,7 +14,7 @@ PYTHON_NEW ?= $(shell for p in python3.13 python3.12 $${PYENV_ROOT:-$$HOME/.pyen
 VENV_NEW ?= .venv-new
 STAMP_NEW := $(VENV_NEW)/.installed
 
-.PHONY: run test test-main test-new bench keys-new keys-list keys-retire deploy clean
+.PHONY: run test lint test-main test-new bench keys-new keys-list keys-retire deploy clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ $(STAMP_NEW): pyproject.toml requirements.txt
 run: $(STAMP)
 	$(PY) mailer.py --host $(HOST) --port $(PORT) --create-dev-key
 
-test: test-main test-new
+test: lint test-main test-new
+
+# Style and types, as the model codebases check them: on every `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test-main: $(STAMP)
 	$(PY) -m pytest -q
@@ -62,4 +68,4 @@ deploy:
 	gcloud app deploy app.yaml --project "$(PROJECT)"
 
 clean:
-	rm -rf $(VENV) $(VENV_NEW) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(VENV_NEW) .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info

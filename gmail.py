@@ -36,11 +36,19 @@ from urllib.parse import quote_plus, urlsplit
 try:
     import fcntl
 except ImportError:  # not POSIX: everything but the spool's flush still works
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 __version__ = "2.0.0"
-__all__ = ["GmailProxy", "MessageSendingFailure", "ConfigurationError", "Spool", "SpoolBusy", "sign_v1", "sign_v2",
-           "main"]
+__all__ = [
+    "ConfigurationError",
+    "GmailProxy",
+    "MessageSendingFailure",
+    "Spool",
+    "SpoolBusy",
+    "main",
+    "sign_v1",
+    "sign_v2",
+]
 
 ENVDIR = "/etc/envdir"
 DEFAULT_TIMEOUT = 30.0
@@ -86,8 +94,9 @@ def sign_v2(key: bytes, timestamp: str, fix_sender: bool, msg: bytes) -> str:
     return hmac.new(key, signed_bytes_v2(timestamp, fix_sender, msg), hashlib.sha256).hexdigest()
 
 
-def encode_form(msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: Optional[float] = None,
-                signature_v1: bool = True) -> bytes:
+def encode_form(
+    msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: Optional[float] = None, signature_v1: bool = True
+) -> bytes:
     """Return the urlencoded POST body: msg, its signatures (v2, and v1 unless turned off), options.
 
     Servers that predate v2 ignore its fields and check v1; newer ones check v2
@@ -96,12 +105,17 @@ def encode_form(msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: 
     return form_body(msg, **sign_request(msg, key, fix_sender, timestamp=timestamp, signature_v1=signature_v1))
 
 
-def sign_request(msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: Optional[float] = None,
-                 signature_v1: bool = True) -> dict:
+def sign_request(
+    msg: bytes, key: bytes, fix_sender: bool = False, *, timestamp: Optional[float] = None, signature_v1: bool = True
+) -> dict:
     """Return the signed fields of a request for msg (no secret among them: a spool may keep them)."""
     stamp = str(int(time.time() if timestamp is None else timestamp))
-    return {"timestamp": stamp, "signature": sign_v1(key, msg) if signature_v1 else None,
-            "signature_v2": sign_v2(key, stamp, fix_sender, msg), "fix_sender": fix_sender}
+    return {
+        "timestamp": stamp,
+        "signature": sign_v1(key, msg) if signature_v1 else None,
+        "signature_v2": sign_v2(key, stamp, fix_sender, msg),
+        "fix_sender": fix_sender,
+    }
 
 
 def form_body(msg: bytes, timestamp: str, signature: Optional[str], signature_v2: str, fix_sender: bool) -> bytes:
@@ -200,7 +214,7 @@ class Endpoint:
             parts = urlsplit(url)
             port = parts.port
         except ValueError:
-            parts = port = None
+            parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigurationError(f"GMAIL_PROXY_URL must hold http:// or https:// URLs, not {url!r}")
         self.url, self.scheme, self.host, self.port = url, parts.scheme, parts.hostname, port
@@ -221,9 +235,18 @@ class GmailProxy:
     later flush.  `last_queued` then names its spool entry.
     """
 
-    def __init__(self, secret_key: Union[str, bytes, None] = None, proxy_url: Optional[str] = None,
-                 fix_sender: bool = False, fail_silently: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                 *, signature_v1: bool = True, queue_dir: Optional[str] = None, envdir: str = ENVDIR):
+    def __init__(
+        self,
+        secret_key: Union[str, bytes, None] = None,
+        proxy_url: Optional[str] = None,
+        fix_sender: bool = False,
+        fail_silently: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        signature_v1: bool = True,
+        queue_dir: Optional[str] = None,
+        envdir: str = ENVDIR,
+    ):
         if isinstance(secret_key, bytes):
             secret_key = secret_key.decode("utf-8")
         key = read_setting("GMAIL_SECRET_KEY", secret_key, envdir=envdir)
@@ -252,8 +275,9 @@ class GmailProxy:
         if self._conn is None:
             endpoint = self._endpoint
             if endpoint.scheme == "https":
-                self._conn = http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=self.timeout,
-                                                         context=ssl.create_default_context())
+                self._conn = http.client.HTTPSConnection(
+                    endpoint.host, endpoint.port, timeout=self.timeout, context=ssl.create_default_context()
+                )
             else:
                 self._conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=self.timeout)
         return self._conn
@@ -272,8 +296,9 @@ class GmailProxy:
             self.close()
             if self.fail_silently:
                 return False
-            raise MessageSendingFailure(f"could not reach the proxy at {self._endpoint.host}: "
-                                        f"{_describe(exc)}") from exc
+            raise MessageSendingFailure(
+                f"could not reach the proxy at {self._endpoint.host}: {_describe(exc)}"
+            ) from exc
         return True
 
     def close(self) -> None:
@@ -282,7 +307,7 @@ class GmailProxy:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> "GmailProxy":
+    def __enter__(self) -> GmailProxy:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -300,8 +325,11 @@ class GmailProxy:
         try:
             raw = message_bytes(msg)
             if len(raw) > MAX_MESSAGE_BYTES:
-                raise MessageSendingFailure(f"message of {len(raw)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
-                                            status=413, reason="too large")
+                raise MessageSendingFailure(
+                    f"message of {len(raw)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
+                    status=413,
+                    reason="too large",
+                )
             try:
                 self.send_signed(encode_form(raw, self.key, self.fix_sender, signature_v1=self.signature_v1))
             except MessageSendingFailure as failure:
@@ -310,8 +338,9 @@ class GmailProxy:
                 try:
                     self.last_queued = self.spool.add(raw, self.fix_sender, str(failure))
                 except OSError as exc:  # not queued: the caller must keep the message, so fail as before
-                    raise MessageSendingFailure(f"{failure}; and it could not be queued in {self.spool.path}: "
-                                                f"{exc.strerror}") from exc
+                    raise MessageSendingFailure(
+                        f"{failure}; and it could not be queued in {self.spool.path}: {exc.strerror}"
+                    ) from exc
             return True
         except MessageSendingFailure:
             if self.fail_silently:
@@ -323,7 +352,7 @@ class GmailProxy:
 
         The URL that last worked is tried first next time.
         """
-        failure = None
+        failure: Optional[MessageSendingFailure] = None
         start = self.endpoints.index(self._endpoint)
         for offset in range(len(self.endpoints)):
             endpoint = self.endpoints[(start + offset) % len(self.endpoints)]
@@ -337,6 +366,7 @@ class GmailProxy:
                 if not exc.temporary:
                     raise
                 failure = exc
+        assert failure is not None  # there is always at least one endpoint
         raise failure
 
     def _post(self, body: bytes) -> None:
@@ -352,19 +382,22 @@ class GmailProxy:
                 self.close()
                 if attempt == 1:
                     continue
-                raise MessageSendingFailure(f"the proxy at {self._endpoint.host} dropped the connection: "
-                                            f"{_describe(exc)}") from exc
+                raise MessageSendingFailure(
+                    f"the proxy at {self._endpoint.host} dropped the connection: {_describe(exc)}"
+                ) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                raise MessageSendingFailure(f"could not reach the proxy at {self._endpoint.host}: "
-                                            f"{_describe(exc)}") from exc
+                raise MessageSendingFailure(
+                    f"could not reach the proxy at {self._endpoint.host}: {_describe(exc)}"
+                ) from exc
             if 200 <= status < 300:
                 return
             if status == 503 and attempt == 1:
                 time.sleep(min(retry_after, MAX_RETRY_AFTER_SECONDS))
                 continue
-            raise MessageSendingFailure(f"the proxy refused the message: {status} {reason}".rstrip(),
-                                        status=status, reason=reason)
+            raise MessageSendingFailure(
+                f"the proxy refused the message: {status} {reason}".rstrip(), status=status, reason=reason
+            )
 
     def _exchange(self, body: bytes) -> tuple[int, str, float]:
         conn = self._connection()
@@ -432,8 +465,14 @@ class Spool:
         """Queue a message; return its entry name."""
         self._ensure()
         name = f"{time.time_ns():020d}.{os.getpid()}.{os.urandom(4).hex()}"
-        meta = {"queued_at": time.time(), "attempts": 0, "next_try": 0, "last_error": reason,
-                "fix_sender": fix_sender, "signed": None}
+        meta = {
+            "queued_at": time.time(),
+            "attempts": 0,
+            "next_try": 0,
+            "last_error": reason,
+            "fix_sender": fix_sender,
+            "signed": None,
+        }
         self._write(name, meta, raw)
         return name
 
@@ -451,8 +490,9 @@ class Spool:
             data = f.read(MAX_MESSAGE_BYTES + 64 * 1024)
         head, _, raw = data.partition(b"\n")
         meta = json.loads(head)
-        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), (int, float))
-                                                 for k in ("queued_at", "attempts", "next_try")):
+        if not isinstance(meta, dict) or not all(
+            isinstance(meta.get(k), (int, float)) for k in ("queued_at", "attempts", "next_try")
+        ):
             raise ValueError("not gmail.py's bookkeeping")
         return meta, raw
 
@@ -471,7 +511,7 @@ class Spool:
     def _retry_at_file(self) -> str:
         return os.path.join(self.path, "retry-at")
 
-    def flush(self, proxy: "GmailProxy", max_age: float = DEFAULT_MAX_AGE_SECONDS) -> dict:
+    def flush(self, proxy: GmailProxy, max_age: float = DEFAULT_MAX_AGE_SECONDS) -> dict:
         """Send what is due, oldest first, over proxy's connection; return counts by outcome.
 
         A temporary failure backs the message off (1 minute, doubling, at most 4
@@ -502,8 +542,11 @@ class Spool:
                     report["failed"] += 1
                     continue
                 if now - meta["queued_at"] > max_age:
-                    self._fail(name, f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago; "
-                                          f"last error: {meta['last_error']}")
+                    self._fail(
+                        name,
+                        f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago; "
+                        f"last error: {meta['last_error']}",
+                    )
                     report["failed"] += 1
                     continue
                 if meta["next_try"] > now:
@@ -518,7 +561,7 @@ class Spool:
                 self._clear_retry_at()
         return report
 
-    def _send(self, proxy: "GmailProxy", name: str, meta: dict, raw: bytes, now: float) -> str:
+    def _send(self, proxy: GmailProxy, name: str, meta: dict, raw: bytes, now: float) -> str:
         signed = meta.get("signed")
         if not signed or now - int(signed["timestamp"]) > REUSE_SIGNATURE_SECONDS:
             signed = sign_request(raw, proxy.key, meta["fix_sender"], signature_v1=proxy.signature_v1)
@@ -578,8 +621,7 @@ class Spool:
                     with open(os.path.join(folder, name + ".reason"), encoding="utf-8") as f:
                         why = f.read().strip()
                 age = (now - meta["queued_at"]) / 60
-                lines.append(f"{state} {name}  age {age:.0f} min  to {head.get('To', '?')}  "
-                             f"subject {subject!r}: {why}")
+                lines.append(f"{state} {name}  age {age:.0f} min  to {head.get('To', '?')}  subject {subject!r}: {why}")
         return lines
 
 
@@ -601,20 +643,26 @@ def for_one_recipient(raw: bytes, recipient: str) -> bytes:
     header_end = raw.find(b"\n\n")
     crlf_end = raw.find(b"\r\n\r\n")
     if crlf_end != -1 and (header_end == -1 or crlf_end < header_end):
-        head, sep, body = raw[:crlf_end], b"\r\n\r\n", raw[crlf_end + 4:]
+        head, sep, body = raw[:crlf_end], b"\r\n\r\n", raw[crlf_end + 4 :]
     elif header_end != -1:
-        head, sep, body = raw[:header_end], b"\n\n", raw[header_end + 2:]
+        head, sep, body = raw[:header_end], b"\n\n", raw[header_end + 2 :]
     else:
         head, sep, body = raw, b"\n\n", b""
     message = BytesParser(policy=policy.compat32).parsebytes(head + sep, headersonly=True)
     wanted = recipient.strip().lower()
-    where, name = next(((header, display) for header in RECIPIENT_HEADERS
-                        for display, address in getaddresses([str(v) for v in message.get_all(header, [])])
-                        if address.lower() == wanted), ("Bcc", ""))
+    where, name = next(
+        (
+            (header, display)
+            for header in RECIPIENT_HEADERS
+            for display, address in getaddresses([str(v) for v in message.get_all(header, [])])
+            if address.lower() == wanted
+        ),
+        ("Bcc", ""),
+    )
     newline = b"\r\n" if sep == b"\r\n\r\n" else b"\n"
     kept = [line for line in _header_lines(head) if not _is_recipient_header(line)]
-    line = f"{where}: {formataddr((name, recipient.strip()))}".encode("utf-8")
-    return newline.join(kept + [line]) + sep + body
+    line = f"{where}: {formataddr((name, recipient.strip()))}".encode()
+    return newline.join([*kept, line]) + sep + body
 
 
 def _header_lines(head: bytes) -> list[bytes]:
@@ -655,55 +703,88 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gmail.py",
         description="Send mail through an appengine-mailer proxy, like mail(1) or sendmail(8).\n\n"
-                    "With recipients, the body is read from standard input and a message is built.\n"
-                    "Without recipients, a whole RFC 2822 message is read from standard input and sent\n"
-                    "to the recipients in its To, Cc and Bcc headers (sendmail -t).",
+        "With recipients, the body is read from standard input and a message is built.\n"
+        "Without recipients, a whole RFC 2822 message is read from standard input and sent\n"
+        "to the recipients in its To, Cc and Bcc headers (sendmail -t).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Configuration: --url and --key-file, else env GMAIL_PROXY_URL and GMAIL_SECRET_KEY,\n"
-               "else the files /etc/envdir/GMAIL_PROXY_URL and /etc/envdir/GMAIL_SECRET_KEY.\n"
-               "If RECIPIENT is set (Exim's pipe transport sets it), the message goes to that\n"
-               "recipient alone.\n\n"
-               "Exit status (sysexits.h): 0 sent (or queued with --queue); 75 temporary failure,\n"
-               "retry later (proxy down, timeout, 5xx, 429); 65 message refused; 77 permission\n"
-               "refused; 64 usage error; 66 input file missing; 74 spool not writable;\n"
-               "78 configuration missing.")
+        "else the files /etc/envdir/GMAIL_PROXY_URL and /etc/envdir/GMAIL_SECRET_KEY.\n"
+        "If RECIPIENT is set (Exim's pipe transport sets it), the message goes to that\n"
+        "recipient alone.\n\n"
+        "Exit status (sysexits.h): 0 sent (or queued with --queue); 75 temporary failure,\n"
+        "retry later (proxy down, timeout, 5xx, 429); 65 message refused; 77 permission\n"
+        "refused; 64 usage error; 66 input file missing; 74 spool not writable;\n"
+        "78 configuration missing.",
+    )
     parser.add_argument("recipients", nargs="*", metavar="RECIPIENT", help="send to these addresses")
     mail = parser.add_argument_group("mail(1) options")
     mail.add_argument("-s", dest="subject", metavar="SUBJECT", help="subject of the message")
     mail.add_argument("-c", dest="cc", action="append", default=[], metavar="CC", help="carbon copy to CC")
     mail.add_argument("-b", dest="bcc", action="append", default=[], metavar="BCC", help="blind carbon copy to BCC")
     mail.add_argument("-a", dest="attach", action="append", default=[], metavar="FILE", help="attach FILE")
-    mail.add_argument("-r", dest="sender", metavar="FROM",
-                      help="From address (without it, the proxy's default sender is used)")
+    mail.add_argument(
+        "-r", dest="sender", metavar="FROM", help="From address (without it, the proxy's default sender is used)"
+    )
     sendmail = parser.add_argument_group("sendmail options (accepted for MTAs and cron)")
-    sendmail.add_argument("-t", dest="from_headers", action="store_true",
-                          help="take recipients from the message headers (the default without RECIPIENTs)")
+    sendmail.add_argument(
+        "-t",
+        dest="from_headers",
+        action="store_true",
+        help="take recipients from the message headers (the default without RECIPIENTs)",
+    )
     sendmail.add_argument("-i", dest="ignore_dots", action="store_true", help="ignored (dots are never special)")
-    sendmail.add_argument("-o", dest="sendmail_options", action="append", default=[], metavar="OPTION",
-                          help="ignored sendmail option, e.g. -oi, -odi, -oem")
-    sendmail.add_argument("-f", dest="envelope_sender", metavar="ADDR",
-                          help="envelope sender: used as From when the message has none")
+    sendmail.add_argument(
+        "-o",
+        dest="sendmail_options",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="ignored sendmail option, e.g. -oi, -odi, -oem",
+    )
+    sendmail.add_argument(
+        "-f", dest="envelope_sender", metavar="ADDR", help="envelope sender: used as From when the message has none"
+    )
     sendmail.add_argument("-F", dest="full_name", metavar="NAME", help="full name for a From made from -f or -r")
     sendmail.add_argument("-B", dest="body_type", metavar="TYPE", help="ignored (8BITMIME is always fine)")
     proxy = parser.add_argument_group("proxy options")
-    proxy.add_argument("--url", help="proxy URL, or several separated by commas, tried in turn "
-                                     "(default: GMAIL_PROXY_URL)")
+    proxy.add_argument(
+        "--url", help="proxy URL, or several separated by commas, tried in turn (default: GMAIL_PROXY_URL)"
+    )
     proxy.add_argument("--key-file", metavar="FILE", help="file holding the secret key (default: GMAIL_SECRET_KEY)")
-    proxy.add_argument("--envdir", default=ENVDIR, metavar="DIR",
-                       help=f"folder of setting files, used when the environment has none (default {ENVDIR})")
-    proxy.add_argument("--fix-sender", action="store_true",
-                       help="let the proxy send from its default sender when the From is refused")
-    proxy.add_argument("--no-signature-v1", dest="signature_v1", action="store_false",
-                       help="send only signature v2 (for proxies that require it; old proxies need v1)")
+    proxy.add_argument(
+        "--envdir",
+        default=ENVDIR,
+        metavar="DIR",
+        help=f"folder of setting files, used when the environment has none (default {ENVDIR})",
+    )
+    proxy.add_argument(
+        "--fix-sender", action="store_true", help="let the proxy send from its default sender when the From is refused"
+    )
+    proxy.add_argument(
+        "--no-signature-v1",
+        dest="signature_v1",
+        action="store_false",
+        help="send only signature v2 (for proxies that require it; old proxies need v1)",
+    )
     proxy.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the proxy")
     spool = parser.add_argument_group("spool (a local queue for outages)")
-    spool.add_argument("--queue", dest="queue_dir", metavar="DIR",
-                       help="when the proxy fails temporarily, queue the message in DIR and exit 0")
-    spool.add_argument("--flush", dest="flush_dir", metavar="DIR",
-                       help="send what is queued in DIR, oldest first (run it from cron)")
+    spool.add_argument(
+        "--queue",
+        dest="queue_dir",
+        metavar="DIR",
+        help="when the proxy fails temporarily, queue the message in DIR and exit 0",
+    )
+    spool.add_argument(
+        "--flush", dest="flush_dir", metavar="DIR", help="send what is queued in DIR, oldest first (run it from cron)"
+    )
     spool.add_argument("--list", dest="list_dir", metavar="DIR", help="show what is queued or failed in DIR, and why")
-    spool.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_SECONDS / 86400, metavar="DAYS",
-                       help="with --flush: give up on messages queued longer than this (default 5)")
+    spool.add_argument(
+        "--max-age",
+        type=float,
+        default=DEFAULT_MAX_AGE_SECONDS / 86400,
+        metavar="DAYS",
+        help="with --flush: give up on messages queued longer than this (default 5)",
+    )
     proxy.add_argument("--version", action="version", version=f"gmail.py {__version__}")
     return parser
 
@@ -754,7 +835,7 @@ def _with_from(raw: bytes, args) -> bytes:
     head = raw.split(b"\n\n", 1)[0]
     if any(line.lower().startswith(b"from:") for line in head.replace(b"\r\n", b"\n").split(b"\n")):
         return raw
-    line = f"From: {formataddr((args.full_name or '', args.envelope_sender))}\n".encode("utf-8")
+    line = f"From: {formataddr((args.full_name or '', args.envelope_sender))}\n".encode()
     return line + raw
 
 
@@ -767,8 +848,13 @@ def exit_code_for(error: BaseException) -> int:
         if error.temporary:
             return EX_TEMPFAIL
         return EX_NOPERM if error.status in (401, 403) else EX_DATAERR
-    codes = {UsageError: EX_USAGE, ConfigurationError: EX_CONFIG, InputError: EX_NOINPUT, OSError: EX_IOERR,
-             KeyboardInterrupt: EX_TEMPFAIL}
+    codes = {
+        UsageError: EX_USAGE,
+        ConfigurationError: EX_CONFIG,
+        InputError: EX_NOINPUT,
+        OSError: EX_IOERR,
+        KeyboardInterrupt: EX_TEMPFAIL,
+    }
     return next(code for kind, code in codes.items() if isinstance(error, kind))
 
 
@@ -809,8 +895,15 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
         fix_sender = args.fix_sender or (mail_mode and not (args.sender or args.envelope_sender))
         key = read_setting("GMAIL_SECRET_KEY", key, environ, args.envdir)
         url = read_setting("GMAIL_PROXY_URL", args.url, environ, args.envdir)
-        with GmailProxy(key, url, fix_sender=fix_sender, timeout=args.timeout, envdir=args.envdir,
-                        signature_v1=args.signature_v1, queue_dir=args.queue_dir) as proxy:
+        with GmailProxy(
+            key,
+            url,
+            fix_sender=fix_sender,
+            timeout=args.timeout,
+            envdir=args.envdir,
+            signature_v1=args.signature_v1,
+            queue_dir=args.queue_dir,
+        ) as proxy:
             if args.flush_dir:
                 return _flush(Spool(args.flush_dir), proxy, args.max_age * 86400)
             if args.recipients and (mail_mode or not _looks_like_sendmail_call(args)):
@@ -826,8 +919,11 @@ def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
             for recipient in envelope or [None]:
                 proxy.send_mail(for_one_recipient(raw, recipient) if recipient else raw)
                 if proxy.last_queued:
-                    print(f"gmail.py: the proxy is unavailable; queued in {args.queue_dir} as {proxy.last_queued} "
-                          f"for gmail.py --flush", file=sys.stderr)
+                    print(
+                        f"gmail.py: the proxy is unavailable; queued in {args.queue_dir} as {proxy.last_queued} "
+                        f"for gmail.py --flush",
+                        file=sys.stderr,
+                    )
         return EX_OK
     except COMMAND_LINE_ERRORS as exc:
         print(error_line(exc), file=sys.stderr)
@@ -841,12 +937,13 @@ def _flush(spool: Spool, proxy: GmailProxy, max_age: float) -> int:
     except SpoolBusy:
         return EX_OK  # the running flush will do the work
     if report["sent"] or report["failed"]:
-        print(f"gmail.py: sent {report['sent']}, failed {report['failed']}, "
-              f"still queued {report['waiting'] + report['deferred']}"
-              f" ({spool.path})")
+        print(
+            f"gmail.py: sent {report['sent']}, failed {report['failed']}, "
+            f"still queued {report['waiting'] + report['deferred']}"
+            f" ({spool.path})"
+        )
     if report["failed"]:
-        print(f"gmail.py: {report['failed']} message(s) moved to {spool.failed} (see gmail.py --list)",
-              file=sys.stderr)
+        print(f"gmail.py: {report['failed']} message(s) moved to {spool.failed} (see gmail.py --list)", file=sys.stderr)
     return EX_OK
 
 

@@ -25,18 +25,22 @@ _MISSING = object()
 class GmailBackend(BaseEmailBackend):
     """Send each Django EmailMessage, Bcc included, as one signed POST to the proxy."""
 
-    def __init__(self, proxy_url=None, secret_key=None, fix_sender=None, timeout=None, fail_silently=False,
-                 **kwargs):
+    def __init__(self, proxy_url=None, secret_key=None, fix_sender=None, timeout=None, fail_silently=False, **kwargs):
         # Django passes `alias` (6.x) here and rejects unknown options itself.
         super().__init__(**kwargs)
         self.fail_silently = fail_silently
         self.proxy_url = proxy_url or self._setting("EMAIL_APPENGINE_PROXY_URL")
-        self.secret_key = secret_key or getattr(settings, "EMAIL_APPENGINE_SECRET_KEY", None) \
+        self.secret_key = (
+            secret_key
+            or getattr(settings, "EMAIL_APPENGINE_SECRET_KEY", None)
             or self._setting("SECRET_KEY", "EMAIL_APPENGINE_SECRET_KEY (or SECRET_KEY)")
-        self.fix_sender = bool(getattr(settings, "EMAIL_APPENGINE_FIX_SENDER", False) if fix_sender is None
-                               else fix_sender)
-        self.timeout = timeout if timeout is not None else (getattr(settings, "EMAIL_TIMEOUT", None)
-                                                            or gmail.DEFAULT_TIMEOUT)
+        )
+        self.fix_sender = bool(
+            getattr(settings, "EMAIL_APPENGINE_FIX_SENDER", False) if fix_sender is None else fix_sender
+        )
+        self.timeout = (
+            timeout if timeout is not None else (getattr(settings, "EMAIL_TIMEOUT", None) or gmail.DEFAULT_TIMEOUT)
+        )
         self._proxy: gmail.GmailProxy | None = None
 
     @staticmethod
@@ -50,8 +54,9 @@ class GmailBackend(BaseEmailBackend):
         """Connect to the proxy; True only if this call opened the connection."""
         if self._proxy is not None:
             return False
-        proxy = gmail.GmailProxy(self.secret_key, self.proxy_url, fix_sender=self.fix_sender,
-                                 fail_silently=False, timeout=self.timeout)
+        proxy = gmail.GmailProxy(
+            self.secret_key, self.proxy_url, fix_sender=self.fix_sender, fail_silently=False, timeout=self.timeout
+        )
         try:
             proxy.open()
         except gmail.MessageSendingFailure:

@@ -31,7 +31,7 @@ import gmail  # noqa: E402
 KEY = b"test-key-0123456789abcdef"  # the key tests/reference_server.py is started with below
 SERVER = f"""
 import sys, time
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from reference_server import ReferenceServer
 server = ReferenceServer({KEY!r})
 print(server.url, flush=True)
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=11)
     args = parser.parse_args(argv)
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
         batch_messages = messages(args.messages)
@@ -81,13 +80,15 @@ def main(argv=None) -> int:
         times = {name: [] for name in pipelines}
         names = list(pipelines)
         for round_number in range(args.rounds):
-            for name in names[round_number % 2:] + names[:round_number % 2]:
+            for name in names[round_number % 2 :] + names[: round_number % 2]:
                 start = time.perf_counter()
                 pipelines[name](url, batch_messages)
                 times[name].append(time.perf_counter() - start)
         ratio = statistics.median(b / s for b, s in zip(times["batch"], times["seed"]))
-        print(f"{args.messages} messages: batch {statistics.median(times['batch']) * 1000:.0f} ms, "
-              f"seed {statistics.median(times['seed']) * 1000:.0f} ms")
+        print(
+            f"{args.messages} messages: batch {statistics.median(times['batch']) * 1000:.0f} ms, "
+            f"seed {statistics.median(times['seed']) * 1000:.0f} ms"
+        )
         print(f"client batch/seed: {ratio:.2f}")
     finally:
         server.stdin.close()

@@ -69,9 +69,17 @@ def build_message(size: int) -> tuple[bytes, bytes]:
 
 
 def wsgi_environ(body: bytes) -> dict:
-    return {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "CONTENT_TYPE": "application/x-www-form-urlencoded",
-            "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr,
-            "SERVER_NAME": "bench", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+    return {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/",
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "SERVER_NAME": "bench",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+    }
 
 
 def make_proxy():
@@ -98,11 +106,14 @@ def seed(body: bytes) -> None:
 
 def make_floor(msg: bytes, pdf: bytes):
     """The least work: authenticate, decode the attachment, send a prebuilt message."""
-    prebuilt = mail.EmailMessage(sender="Benchmark Sender <sender@example.com>",
-                                 to=["First <one@example.com>", "second@example.com"], subject="Benchmark message",
-                                 body="Hello,\n\nthe report is attached.\n",
-                                 html="<p>Hello,</p><p>the report is <b>attached</b>.</p>",
-                                 attachments=[mail.Attachment("report.pdf", pdf)])
+    prebuilt = mail.EmailMessage(
+        sender="Benchmark Sender <sender@example.com>",
+        to=["First <one@example.com>", "second@example.com"],
+        subject="Benchmark message",
+        body="Hello,\n\nthe report is attached.\n",
+        html="<p>Hello,</p><p>the report is <b>attached</b>.</p>",
+        attachments=[mail.Attachment("report.pdf", pdf)],
+    )
     encoded = binascii.b2a_base64(pdf)
 
     def floor(body: bytes) -> None:
@@ -148,20 +159,33 @@ def main(argv=None) -> int:
         times = {name: [] for name in pipelines}
         names = list(pipelines)
         for round_number in range(rounds):
-            order = names[round_number % 3:] + names[:round_number % 3]
+            order = names[round_number % 3 :] + names[: round_number % 3]
             for name in order:
                 times[name].append(timed(pipelines[name], body, iterations))
         vs_seed = statistics.median(p / s for p, s in zip(times["proxy"], times["seed"]))
         vs_floor = statistics.median(p / f for p, f in zip(times["proxy"], times["floor"]))
         memory = {name: peak_memory(pipelines[name], body) / len(msg) for name in ("proxy", "seed")}
         worst_seed = max(worst_seed, vs_seed)
-        rows.append((label, len(msg), *(statistics.median(times[n]) * 1000 for n in names), vs_seed, vs_floor,
-                     memory["proxy"], memory["seed"]))
-    print(f"{'message':>8} {'bytes':>10} {'proxy ms':>9} {'seed ms':>9} {'floor ms':>9} {'proxy/seed':>10} "
-          f"{'proxy/floor':>11} {'mem proxy':>9} {'mem seed':>9}")
+        rows.append(
+            (
+                label,
+                len(msg),
+                *(statistics.median(times[n]) * 1000 for n in names),
+                vs_seed,
+                vs_floor,
+                memory["proxy"],
+                memory["seed"],
+            )
+        )
+    print(
+        f"{'message':>8} {'bytes':>10} {'proxy ms':>9} {'seed ms':>9} {'floor ms':>9} {'proxy/seed':>10} "
+        f"{'proxy/floor':>11} {'mem proxy':>9} {'mem seed':>9}"
+    )
     for label, size, p, s, f, r_seed, r_floor, m_proxy, m_seed in rows:
-        print(f"{label:>8} {size:>10} {p:>9.2f} {s:>9.2f} {f:>9.2f} {r_seed:>10.2f} {r_floor:>11.2f} "
-              f"{m_proxy:>8.2f}x {m_seed:>8.2f}x")
+        print(
+            f"{label:>8} {size:>10} {p:>9.2f} {s:>9.2f} {f:>9.2f} {r_seed:>10.2f} {r_floor:>11.2f} "
+            f"{m_proxy:>8.2f}x {m_seed:>8.2f}x"
+        )
     print(f"worst proxy/seed: {worst_seed:.2f}")
     return 0
 

@@ -148,7 +148,12 @@ class ServerProcess:
     def __init__(self, env: dict, cwd: Path = ROOT, args=(), script: Path = ROOT / "mailer.py"):
         self.proc = subprocess.Popen(
             [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0", *args],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         if not match:
@@ -181,8 +186,12 @@ def server_env(tmp_path: Path, smtp: Optional[SMTPSink] = None, keys=(KEY,), **e
     env["GMAIL_SECRET_KEY"] = "\n".join(k.decode() for k in keys)
     env["GMAIL_OUTBOX"] = str(tmp_path / "outbox")
     if smtp is not None:
-        env.update(APPENGINE_USE_SMTP_MAIL_SERVICE="true", APPENGINE_SMTP_HOST=smtp.host,
-                   APPENGINE_SMTP_PORT=str(smtp.port), APPENGINE_SMTP_USE_TLS="false")
+        env.update(
+            APPENGINE_USE_SMTP_MAIL_SERVICE="true",
+            APPENGINE_SMTP_HOST=smtp.host,
+            APPENGINE_SMTP_PORT=str(smtp.port),
+            APPENGINE_SMTP_USE_TLS="false",
+        )
     env.update(extra)
     return env
 

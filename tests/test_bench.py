@@ -10,8 +10,12 @@ from conftest import ROOT
 
 
 def test_server_benchmark_prints_its_table():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_server.py"), "--quick"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_server.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["message", "bytes", "proxy"] and len(lines) == 5
@@ -19,7 +23,11 @@ def test_server_benchmark_prints_its_table():
 
 
 def test_client_benchmark_prints_its_ratio():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_client.py"), "--messages", "20",
-                             "--rounds", "2"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_client.py"), "--messages", "20", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"client batch/seed: \d+\.\d\d", result.stdout.strip().splitlines()[-1])

@@ -13,8 +13,11 @@ import pytest
 
 from conftest import KEY, ROOT, free_port, server_env
 
-EXIM = shutil.which("exim") or shutil.which("exim4") or next(
-    (p for p in ("/usr/sbin/exim4", "/usr/sbin/exim") if os.path.exists(p)), None)
+EXIM = (
+    shutil.which("exim")
+    or shutil.which("exim4")
+    or next((p for p in ("/usr/sbin/exim4", "/usr/sbin/exim") if os.path.exists(p)), None)
+)
 EXIM_USER = "Debian-exim"
 
 pytestmark = [
@@ -52,7 +55,8 @@ class Exim:
             "smarthost:\n  driver = accept\n  transport = remote_smtp_smarthost\n"
             "begin transports\n"
             f".include {ROOT / '50_exim4_config_gmail_pipe'}\n"
-            "begin retry\n* * F,1d,1m\n")
+            "begin retry\n* * F,1d,1m\n"
+        )
 
     def set_proxy_url(self, url: str):
         path = self.envdir / "GMAIL_PROXY_URL"
@@ -84,8 +88,10 @@ def exim():
         shutil.rmtree(root, ignore_errors=True)
 
 
-MESSAGE = (b"From: Sender <sender@example.com>\nTo: Ann <ann@example.com>\nCc: cc@example.com\n"
-           b"Bcc: hidden@example.com\nSubject: via exim\n\nHello through Exim.\n")
+MESSAGE = (
+    b"From: Sender <sender@example.com>\nTo: Ann <ann@example.com>\nCc: cc@example.com\n"
+    b"Bcc: hidden@example.com\nSubject: via exim\n\nHello through Exim.\n"
+)
 
 
 def test_outage_queues_then_each_recipient_gets_one_copy(exim, start_server, smtp_sink, tmp_path):
@@ -103,7 +109,10 @@ def test_outage_queues_then_each_recipient_gets_one_copy(exim, start_server, smt
     received = smtp_sink.wait_for(3)
     assert exim.queue_size() == 0, exim.log()
     assert sorted(r for env in received for r in env.rcpt_tos) == [
-        "ann@example.com", "cc@example.com", "hidden@example.com"]
+        "ann@example.com",
+        "cc@example.com",
+        "hidden@example.com",
+    ]
     for env in received:
         assert env.message["Subject"] == "via exim"
         assert env.message.get_body(("plain",)).get_content().strip() == "Hello through Exim."

@@ -9,8 +9,11 @@ import subprocess
 import sys
 from email.message import EmailMessage, Message
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gmail
 from conftest import KEY, ROOT, free_port
@@ -42,8 +45,9 @@ def clean_env(tmp_path) -> dict:
 
 
 def run_cli(script: Path, args, env, stdin: bytes = b"", envdir: Path | None = None):
-    return subprocess.run([sys.executable, "-I", str(script), *args], input=stdin, env=env,
-                          capture_output=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-I", str(script), *args], input=stdin, env=env, capture_output=True, timeout=60
+    )
 
 
 def dead_url() -> str:
@@ -175,11 +179,27 @@ def test_cli_help_lists_every_flag(lone_client, clean_env):
 def test_cli_mail_mode_builds_message(lone_client, clean_env, reference_server, tmp_path):
     report = tmp_path / "report.pdf"
     report.write_bytes(b"%PDF-1.4 \x00\xff")
-    result = run_cli(lone_client, ["-s", "Weekly report", "-c", "cc@example.com", "-b", "bcc@example.com",
-                                   "-a", str(report), "-r", "me@example.com", "you@example.com"],
-                     cli_env(clean_env, reference_server.url), stdin="Bonjour, voilà\n".encode())
+    result = run_cli(
+        lone_client,
+        [
+            "-s",
+            "Weekly report",
+            "-c",
+            "cc@example.com",
+            "-b",
+            "bcc@example.com",
+            "-a",
+            str(report),
+            "-r",
+            "me@example.com",
+            "you@example.com",
+        ],
+        cli_env(clean_env, reference_server.url),
+        stdin="Bonjour, voilà\n".encode(),
+    )
     assert result.returncode == 0, result.stderr
     from email import message_from_bytes, policy
+
     got = message_from_bytes(reference_server.accepted[0]["msg"], policy=policy.default)
     assert got["Subject"] == "Weekly report" and got["From"] == "me@example.com"
     assert got["To"] == "you@example.com" and got["Cc"] == "cc@example.com" and got["Bcc"] == "bcc@example.com"
@@ -215,8 +235,12 @@ def test_cli_key_file_and_url_override(lone_client, clean_env, reference_server,
     key_file = tmp_path / "key"
     key_file.write_bytes(KEY + b"\n")
     env = cli_env(clean_env, dead_url(), b"wrong")
-    result = run_cli(lone_client, ["--url", reference_server.url, "--key-file", str(key_file)], env,
-                     b"From: a@example.com\nTo: b@example.com\n\nx\n")
+    result = run_cli(
+        lone_client,
+        ["--url", reference_server.url, "--key-file", str(key_file)],
+        env,
+        b"From: a@example.com\nTo: b@example.com\n\nx\n",
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -257,8 +281,12 @@ def test_cli_exit_64_for_usage_errors(lone_client, clean_env, reference_server, 
 
 
 def test_cli_exit_66_for_missing_attachment(lone_client, clean_env, reference_server, tmp_path):
-    result = run_cli(lone_client, ["-s", "x", "-a", str(tmp_path / "nope.pdf"), "y@example.com"],
-                     cli_env(clean_env, reference_server.url), b"x\n")
+    result = run_cli(
+        lone_client,
+        ["-s", "x", "-a", str(tmp_path / "nope.pdf"), "y@example.com"],
+        cli_env(clean_env, reference_server.url),
+        b"x\n",
+    )
     assert result.returncode == 66 and b"nope.pdf" in result.stderr and reference_server.requests == 0
 
 
@@ -270,14 +298,16 @@ def test_cli_empty_stdin_is_refused(lone_client, clean_env, reference_server):
 # --------------------------------------------------------------------------- RECIPIENT (Exim)
 
 
-@pytest.mark.parametrize("recipient, header", [
-    ("to2@example.com", b"To: Two <to2@example.com>"),
-    ("cc@example.com", b"Cc: cc@example.com"),
-    ("hidden@example.com", b"Bcc: hidden@example.com"),
-])
+@pytest.mark.parametrize(
+    "recipient, header",
+    [
+        ("to2@example.com", b"To: Two <to2@example.com>"),
+        ("cc@example.com", b"Cc: cc@example.com"),
+        ("hidden@example.com", b"Bcc: hidden@example.com"),
+    ],
+)
 def test_recipient_env_names_only_that_recipient(lone_client, clean_env, reference_server, recipient, header):
-    raw = (b"From: a@example.com\nTo: to1@example.com,\n Two <to2@example.com>\nCc: cc@example.com\n"
-           b"Subject: s\n\nbody\n")
+    raw = b"From: a@example.com\nTo: to1@example.com,\n Two <to2@example.com>\nCc: cc@example.com\nSubject: s\n\nbody\n"
     result = run_cli(lone_client, [], cli_env(clean_env, reference_server.url, RECIPIENT=recipient), raw)
     assert result.returncode == 0, result.stderr
     [accepted] = reference_server.accepted
@@ -296,8 +326,12 @@ def test_client_against_real_proxy(smtp_server, lone_client, clean_env):
             msg = readme_message()
             msg.replace_header("Subject", f"lib {i}")
             assert proxy.send_mail(msg)
-    result = run_cli(lone_client, ["-s", "Grüße", "-r", "me@example.com", "you@example.com"],
-                     cli_env(clean_env, smtp_server.url), "Hallo Welt — ☃\n".encode())
+    result = run_cli(
+        lone_client,
+        ["-s", "Grüße", "-r", "me@example.com", "you@example.com"],
+        cli_env(clean_env, smtp_server.url),
+        "Hallo Welt — ☃\n".encode(),
+    )
     assert result.returncode == 0, result.stderr
     received = smtp_server.sink.wait_for(4)
     subjects = sorted(env.message["Subject"] for env in received)
@@ -315,19 +349,51 @@ def test_cli_refused_by_real_proxy_exits_65(smtp_server, lone_client, clean_env)
 def _old_pythons():
     found = []
     for version in ("3.9", "3.10"):
-        candidates = [*sorted(Path("/root/.pyenv/versions").glob(f"{version}.*/bin/python")),
-                      shutil.which(f"python{version}")]
-        path = next((c for c in candidates if c and subprocess.run(
-            [str(c), "--version"], capture_output=True).returncode == 0), None)
-        found.append(pytest.param(path, id=version, marks=pytest.mark.skipif(
-            path is None, reason=f"no Python {version} interpreter on this machine")))
+        candidates = [
+            *sorted(Path("/root/.pyenv/versions").glob(f"{version}.*/bin/python")),
+            shutil.which(f"python{version}"),
+        ]
+        path = next(
+            (c for c in candidates if c and subprocess.run([str(c), "--version"], capture_output=True).returncode == 0),
+            None,
+        )
+        found.append(
+            pytest.param(
+                path,
+                id=version,
+                marks=pytest.mark.skipif(path is None, reason=f"no Python {version} interpreter on this machine"),
+            )
+        )
     return found
 
 
 @pytest.mark.parametrize("python", _old_pythons())
 def test_cli_runs_on_old_pythons(python, lone_client, clean_env, reference_server):
     raw = b"From: a@example.com\nTo: b@example.com\nSubject: old\n\nbody\n"
-    result = subprocess.run([str(python), "-I", str(lone_client), "-i"], input=raw,
-                            env=cli_env(clean_env, reference_server.url), capture_output=True, timeout=60)
+    result = subprocess.run(
+        [str(python), "-I", str(lone_client), "-i"],
+        input=raw,
+        env=cli_env(clean_env, reference_server.url),
+        capture_output=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert reference_server.accepted[0]["msg"] == raw
+
+
+# --------------------------------------------------------------------------- client form encoding
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300), st.booleans(), st.booleans())
+def test_client_form_is_exactly_urlencode(msg, fix_sender, v1):
+    fields = {"msg": msg}
+    if v1:
+        fields["signature"] = gmail.sign_v1(b"k", msg)
+    fields["timestamp"] = "1700000000"
+    fields["signature_v2"] = gmail.sign_v2(b"k", "1700000000", fix_sender, msg)
+    if fix_sender:
+        fields["fix_sender"] = "true"
+    assert gmail.encode_form(msg, b"k", fix_sender, timestamp=1700000000, signature_v1=v1) == urlencode(fields).encode(
+        "ascii"
+    )

@@ -69,17 +69,28 @@ def test_either_key_signs(app, mail_stub):
 
 
 def test_all_recipient_headers_reply_to_and_allowed_headers(app, mail_stub):
-    msg = make_message(Cc="c1@example.com, C Two <c2@example.com>", Bcc="hidden@example.com",
-                       Reply_To="replies@example.com", In_Reply_To="<a@b>", References="<a@b> <c@d>",
-                       List_Id="<list.example.com>", X_Custom="dropped", Auto_Submitted="auto-generated")
+    msg = make_message(
+        Cc="c1@example.com, C Two <c2@example.com>",
+        Bcc="hidden@example.com",
+        Reply_To="replies@example.com",
+        In_Reply_To="<a@b>",
+        References="<a@b> <c@d>",
+        List_Id="<list.example.com>",
+        X_Custom="dropped",
+        Auto_Submitted="auto-generated",
+    )
     send(app, msg, status=204)
     [sent] = mail_stub.sent
     assert list(sent.Cc) == ["c1@example.com", "C Two <c2@example.com>"]
     assert list(sent.Bcc) == ["hidden@example.com"]
     assert sent.ReplyTo == "replies@example.com"
     headers = {h.name: h.value for h in sent.Header}
-    assert headers == {"In-Reply-To": "<a@b>", "References": "<a@b> <c@d>", "List-Id": "<list.example.com>",
-                       "Auto-Submitted": "auto-generated"}
+    assert headers == {
+        "In-Reply-To": "<a@b>",
+        "References": "<a@b> <c@d>",
+        "List-Id": "<list.example.com>",
+        "Auto-Submitted": "auto-generated",
+    }
 
 
 def test_unicode_subject_and_display_name(app, mail_stub):
@@ -89,6 +100,7 @@ def test_unicode_subject_and_display_name(app, mail_stub):
     assert sent.Subject == "Grüße — ☃"
     assert sent.Sender.startswith("=?utf-8?") and sent.Sender.endswith("<j@example.com>")
     from email.header import decode_header, make_header
+
     assert str(make_header(decode_header(sent.Sender))) == "Jürgen Groß <j@example.com>"
 
 
@@ -98,9 +110,11 @@ def test_empty_subject_is_allowed(app, mail_stub):
 
 
 def test_latin1_8bit_body(app, mail_stub):
-    raw = (b"From: s@example.com\r\nTo: r@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
-           b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-           b"Caf\xe9 cr\xe8me\r\n")
+    raw = (
+        b"From: s@example.com\r\nTo: r@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        b"Caf\xe9 cr\xe8me\r\n"
+    )
     send(app, raw, status=204)
     assert mail_stub.sent[0].TextBody.rstrip() == "Café crème"
 
@@ -178,7 +192,8 @@ def test_fix_sender_after_unauthorized_sender(app, mail_stub):
 
 def test_unauthorized_sender_without_fix_sender_is_400(app, mail_stub):
     mail_stub.fail_with = apiproxy_errors.ApplicationError(
-        mail_service_pb2.MailServiceError.UNAUTHORIZED_SENDER, "Unauthorized sender")
+        mail_service_pb2.MailServiceError.UNAUTHORIZED_SENDER, "Unauthorized sender"
+    )
     res = send(app, make_message(), status=400)
     assert "unauthorized sender" in res.text
 
@@ -224,8 +239,11 @@ BAD_REQUESTS = [
     ("forbidden attachment", form(_with_exe()), ".exe"),
     ("too many headers", form(b"From: a@b.com\nTo: c@d.com\n" + b"X-A: b\n" * 5000 + b"\nx"), "header lines"),
     ("too many parts", form(_with_parts(500)), "MIME parts"),
-    ("too many recipients", form(make_message(To=", ".join(f"r{i}@x.com" for i in range(101))).as_bytes()),
-     "more than the limit of 100"),
+    (
+        "too many recipients",
+        form(make_message(To=", ".join(f"r{i}@x.com" for i in range(101))).as_bytes()),
+        "more than the limit of 100",
+    ),
 ]
 
 
@@ -257,8 +275,13 @@ def test_body_over_limit_is_refused_before_reading(mail_stub):
             raise AssertionError("the body was read")
 
     app = mailer.make_app([KEY], max_body=1000)
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "CONTENT_TYPE": "application/x-www-form-urlencoded",
-               "CONTENT_LENGTH": "1001", "wsgi.input": Unreadable()}
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/",
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "CONTENT_LENGTH": "1001",
+        "wsgi.input": Unreadable(),
+    }
     seen = []
     body = b"".join(app(environ, lambda status, headers: seen.append(status)))
     assert seen == ["413 Payload Too Large"] and b"1000-byte limit" in body
@@ -267,8 +290,13 @@ def test_body_over_limit_is_refused_before_reading(mail_stub):
 @pytest.mark.parametrize("length", ["+12", "abc", "1e3", " 12", "-1"])
 def test_bad_content_length_is_400(mail_stub, length):
     app = mailer.make_app([KEY])
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "CONTENT_TYPE": "application/x-www-form-urlencoded",
-               "CONTENT_LENGTH": length, "wsgi.input": None}
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/",
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "CONTENT_LENGTH": length,
+        "wsgi.input": None,
+    }
     seen = []
     body = b"".join(app(environ, lambda status, headers: seen.append(status)))
     assert seen == ["400 Bad Request"] and b"is not a number" in body
@@ -283,12 +311,16 @@ def test_no_keys_configured_is_503(mail_stub):
 # --------------------------------------------------------------------------- server-side trouble
 
 
-@pytest.mark.parametrize("error", [
-    apiproxy_errors.OverQuotaError("quota"),
-    apiproxy_errors.DeadlineExceededError("slow"),
-    apiproxy_errors.ApplicationError(mail_service_pb2.MailServiceError.INTERNAL_ERROR, "boom"),
-    ConnectionRefusedError(111, "refused"),
-], ids=["over-quota", "deadline", "internal", "connection"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        apiproxy_errors.OverQuotaError("quota"),
+        apiproxy_errors.DeadlineExceededError("slow"),
+        apiproxy_errors.ApplicationError(mail_service_pb2.MailServiceError.INTERNAL_ERROR, "boom"),
+        ConnectionRefusedError(111, "refused"),
+    ],
+    ids=["over-quota", "deadline", "internal", "connection"],
+)
 def test_service_trouble_is_503_with_retry_after(app, mail_stub, error):
     mail_stub.fail_with = error
     res = send(app, make_message(), status=503)
@@ -309,11 +341,12 @@ def test_logs_never_hold_key_or_body(app, mail_stub, caplog):
 
 
 def test_raw_utf8_and_latin1_header_bytes_are_read_as_text(app, mail_stub):
-    raw = ("From: \"Jürgen Groß\" <j@example.com>\nTo: r@example.com\nSubject: Grüße\n\nx\n").encode()
+    raw = ('From: "Jürgen Groß" <j@example.com>\nTo: r@example.com\nSubject: Grüße\n\nx\n').encode()
     send(app, raw, status=204)
-    raw = b"From: \"Caf\xe9\" <c@example.com>\nTo: r@example.com\nSubject: Cr\xe8me\n\nx\n"
+    raw = b'From: "Caf\xe9" <c@example.com>\nTo: r@example.com\nSubject: Cr\xe8me\n\nx\n'
     send(app, raw, status=204)
     from email.header import decode_header, make_header
+
     first, second = mail_stub.sent
     assert str(make_header(decode_header(first.Sender))) == "Jürgen Groß <j@example.com>"
     assert first.Subject == "Grüße"
@@ -356,16 +389,17 @@ def test_importing_mailer_keeps_a_registered_mail_stub(tmp_path):
 
     from conftest import ROOT
 
-    code = ("from google.appengine.api import apiproxy_stub_map\n"
-            "class Mine:\n    def MakeSyncCall(self, *args): pass\n"
-            "mine = Mine()\n"
-            "apiproxy_stub_map.apiproxy.RegisterStub('mail', mine)\n"
-            "import mailer\n"
-            "assert apiproxy_stub_map.apiproxy.GetStub('mail') is mine\n"
-            "print(mailer.delivery_mode())\n")
+    code = (
+        "from google.appengine.api import apiproxy_stub_map\n"
+        "class Mine:\n    def MakeSyncCall(self, *args): pass\n"
+        "mine = Mine()\n"
+        "apiproxy_stub_map.apiproxy.RegisterStub('mail', mine)\n"
+        "import mailer\n"
+        "assert apiproxy_stub_map.apiproxy.GetStub('mail') is mine\n"
+        "print(mailer.delivery_mode())\n"
+    )
     env = {"PATH": "/usr/bin:/bin", "GMAIL_SECRET_KEY": "k" * 20, "GMAIL_OUTBOX": str(tmp_path / "outbox")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "stub" and not (tmp_path / "outbox").exists()
 

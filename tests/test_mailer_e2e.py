@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from urllib.parse import urlsplit
 
-
 import pytest
 
 from conftest import form, server_env
@@ -33,9 +32,14 @@ def message(**headers) -> EmailMessage:
 
 
 def test_full_message_arrives_as_sent(smtp_server):
-    msg = message(From="Jürgen Groß <sender@example.com>", To="Ann <ann@example.com>, bob@example.com",
-                  Cc="Cé <cc@example.com>", Bcc="secret@example.com", Subject="Grüße ☃",
-                  **{"In-Reply-To": "<prev@example.com>"})
+    msg = message(
+        From="Jürgen Groß <sender@example.com>",
+        To="Ann <ann@example.com>, bob@example.com",
+        Cc="Cé <cc@example.com>",
+        Bcc="secret@example.com",
+        Subject="Grüße ☃",
+        **{"In-Reply-To": "<prev@example.com>"},
+    )
     msg.add_alternative("<p>Hello <b>HTML</b></p>", subtype="html")
     attachment = os.urandom(10 * 1024 * 1024) + b"\r\n\n\r"
     msg.add_attachment(attachment, "application", "pdf", filename="big.pdf")
@@ -61,8 +65,10 @@ def test_full_message_arrives_as_sent(smtp_server):
 
 def test_latin1_body_and_hundred_recipients(smtp_server):
     to = ", ".join(f"r{i}@example.com" for i in range(100))
-    raw = (f"From: s@example.com\r\nTo: {to}\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
-           "Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n").encode()
+    raw = (
+        f"From: s@example.com\r\nTo: {to}\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    ).encode()
     raw += "Café crème\r\n".encode("latin-1")
     assert post(smtp_server.url, form(raw))[0] == 204
     [env] = smtp_server.sink.wait_for(1)
@@ -80,8 +86,13 @@ def test_smtp_down_is_503_and_server_keeps_serving(start_server, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    env = server_env(tmp_path, APPENGINE_USE_SMTP_MAIL_SERVICE="true", APPENGINE_SMTP_HOST="127.0.0.1",
-                     APPENGINE_SMTP_PORT=str(dead_port), APPENGINE_SMTP_USE_TLS="false")
+    env = server_env(
+        tmp_path,
+        APPENGINE_USE_SMTP_MAIL_SERVICE="true",
+        APPENGINE_SMTP_HOST="127.0.0.1",
+        APPENGINE_SMTP_PORT=str(dead_port),
+        APPENGINE_SMTP_USE_TLS="false",
+    )
     server = start_server(env)
     status, text = post(server.url, form(message().as_bytes()))
     assert status == 503 and "retry" in text
@@ -93,9 +104,14 @@ def test_hung_smtp_server_does_not_hang_the_request(start_server, tmp_path):
     listener.bind(("127.0.0.1", 0))
     listener.listen(5)  # accepts connections, never says a word
     try:
-        env = server_env(tmp_path, APPENGINE_USE_SMTP_MAIL_SERVICE="true", APPENGINE_SMTP_HOST="127.0.0.1",
-                         APPENGINE_SMTP_PORT=str(listener.getsockname()[1]), APPENGINE_SMTP_USE_TLS="false",
-                         GMAIL_SMTP_TIMEOUT="1")
+        env = server_env(
+            tmp_path,
+            APPENGINE_USE_SMTP_MAIL_SERVICE="true",
+            APPENGINE_SMTP_HOST="127.0.0.1",
+            APPENGINE_SMTP_PORT=str(listener.getsockname()[1]),
+            APPENGINE_SMTP_USE_TLS="false",
+            GMAIL_SMTP_TIMEOUT="1",
+        )
         server = start_server(env)
         status, _ = post(server.url, form(message().as_bytes()), timeout=30)
         assert status == 503
@@ -137,27 +153,39 @@ def test_no_key_exits_with_instructions(tmp_path):
     import shutil
     import subprocess
     import sys
+
     from conftest import ROOT
 
     for name in ("mailer.py", "gmail.py"):  # a copy with no keys/ folder beside it
         shutil.copy(ROOT / name, tmp_path / name)
     env = server_env(tmp_path)
     del env["GMAIL_SECRET_KEY"]
-    result = subprocess.run([sys.executable, str(tmp_path / "mailer.py"), "--port", "0"], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "mailer.py"), "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 78
     assert "GMAIL_SECRET_KEY" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name, value", [("GMAIL_MAX_RECIPIENTS", "lots"), ("GMAIL_MAX_RECIPIENTS", "-1"),
-                                         ("GMAIL_SMTP_TIMEOUT", "soon")])
+@pytest.mark.parametrize(
+    "name, value", [("GMAIL_MAX_RECIPIENTS", "lots"), ("GMAIL_MAX_RECIPIENTS", "-1"), ("GMAIL_SMTP_TIMEOUT", "soon")]
+)
 def test_bad_number_setting_stops_with_one_line(tmp_path, smtp_sink, name, value):
     import subprocess
     import sys
+
     from conftest import ROOT
 
     env = server_env(tmp_path, smtp_sink, **{name: value})
-    result = subprocess.run([sys.executable, str(ROOT / "mailer.py"), "--port", "0"], env=env, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 78 and result.stderr.strip() == f"mailer.py: {name} must be a positive number, " \
-                                                                f"not {value!r}"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "mailer.py"), "--port", "0"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (
+        result.returncode == 78
+        and result.stderr.strip() == f"mailer.py: {name} must be a positive number, not {value!r}"
+    )

@@ -11,21 +11,60 @@ from conftest import KEY, RecordingMailStub, form
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-HEADER_NAMES = st.sampled_from(["From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Content-Type",
-                                "Content-Transfer-Encoding", "Content-Disposition", "Content-ID",
-                                "MIME-Version", "References", "List-Id", "X-Junk"])
+HEADER_NAMES = st.sampled_from(
+    [
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Reply-To",
+        "Subject",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Content-Disposition",
+        "Content-ID",
+        "MIME-Version",
+        "References",
+        "List-Id",
+        "X-Junk",
+    ]
+)
 HEADER_VALUES = st.one_of(
     st.binary(max_size=60),
-    st.sampled_from([b"a@b.com", b"<>", b"a@", b"@b", b"=?utf-8?q?=C3?= <x@y.z>", b"multipart/mixed; boundary=x",
-                     b"multipart/alternative", b"text/plain; charset=bogus", b"base64", b"quoted-printable",
-                     b"attachment; filename=\"a.exe\"", b"attachment; filename*=utf-8''%ff", b"g:;",
-                     b"\"unterminated", b"text/html", b"message/rfc822", b"image/png; name=x.png"]),
+    st.sampled_from(
+        [
+            b"a@b.com",
+            b"<>",
+            b"a@",
+            b"@b",
+            b"=?utf-8?q?=C3?= <x@y.z>",
+            b"multipart/mixed; boundary=x",
+            b"multipart/alternative",
+            b"text/plain; charset=bogus",
+            b"base64",
+            b"quoted-printable",
+            b'attachment; filename="a.exe"',
+            b"attachment; filename*=utf-8''%ff",
+            b"g:;",
+            b'"unterminated',
+            b"text/html",
+            b"message/rfc822",
+            b"image/png; name=x.png",
+        ]
+    ),
 )
-BODIES = st.one_of(st.binary(max_size=300), st.sampled_from([
-    b"--x\r\nContent-Type: text/plain\r\n\r\nhi\r\n--x\r\nContent-Type: application/pdf\r\n"
-    b"Content-Transfer-Encoding: base64\r\n\r\n!!!not base64\r\n--x--\r\n",
-    b"--x\r\n\r\n--x--", b"=ZZ=\r\n", b"\xff\xfe\x00",
-]))
+BODIES = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from(
+        [
+            b"--x\r\nContent-Type: text/plain\r\n\r\nhi\r\n--x\r\nContent-Type: application/pdf\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n!!!not base64\r\n--x--\r\n",
+            b"--x\r\n\r\n--x--",
+            b"=ZZ=\r\n",
+            b"\xff\xfe\x00",
+        ]
+    ),
+)
 
 
 @st.composite

@@ -14,7 +14,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def code_block(heading: str, language: str) -> str:
-    section = README[README.index(heading):]
+    section = README[README.index(heading) :]
     return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
 
 
@@ -29,8 +29,7 @@ def test_python_client_example(reference_server, capsys):
 def test_curl_example(start_server, smtp_sink, tmp_path):
     server = start_server(server_env(tmp_path, smtp_sink))
     script = code_block("## The HTTP interface", "sh")
-    script = script.replace("$(cat keys/GMAIL_SECRET_KEY)", KEY.decode()).replace("http://127.0.0.1:8080/",
-                                                                                  server.url)
+    script = script.replace("$(cat keys/GMAIL_SECRET_KEY)", KEY.decode()).replace("http://127.0.0.1:8080/", server.url)
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "204 No Content" in result.stdout, result.stdout + result.stderr
     [env] = smtp_sink.wait_for(1)

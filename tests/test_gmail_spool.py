@@ -26,8 +26,9 @@ def cli(*args, url: str, stdin: bytes = b"", wait: bool = True):
     env.update(GMAIL_PROXY_URL=url, GMAIL_SECRET_KEY=KEY.decode())
     command = [sys.executable, "-I", str(ROOT / "gmail.py"), *args]
     if not wait:
-        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
     return subprocess.run(command, input=stdin, env=env, capture_output=True, timeout=120)
 
 
@@ -56,8 +57,17 @@ def entries(spool_dir: Path, folder: str = "new") -> list:
 
 def test_outage_queues_then_flush_delivers_exactly_once(start_server, smtp_sink, tmp_path):
     spool_dir = tmp_path / "spool"
-    result = cli("--queue", str(spool_dir), "-s", "during the outage", "-r", "me@example.com", "you@example.com",
-                 url=dead_url(), stdin=b"hello\n")
+    result = cli(
+        "--queue",
+        str(spool_dir),
+        "-s",
+        "during the outage",
+        "-r",
+        "me@example.com",
+        "you@example.com",
+        url=dead_url(),
+        stdin=b"hello\n",
+    )
     assert result.returncode == 0, result.stderr
     assert b"queued in" in result.stderr and b"--flush" in result.stderr
     [entry] = entries(spool_dir)

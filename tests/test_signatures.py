@@ -15,6 +15,7 @@ from google.appengine.runtime import apiproxy_errors
 
 import gmail
 import mailer
+from appengine_mailer import signatures
 from conftest import KEY, OTHER_KEY, server_env, stub_for
 from test_mailer import make_message
 
@@ -31,8 +32,11 @@ class Clock:
 
 
 def v2_form(msg: bytes = MSG, key: bytes = KEY, timestamp=NOW, fix_sender=False, v1=False, **override) -> bytes:
-    fields = {"msg": msg, "timestamp": str(timestamp),
-              "signature_v2": gmail.sign_v2(key, str(timestamp), fix_sender, msg)}
+    fields = {
+        "msg": msg,
+        "timestamp": str(timestamp),
+        "signature_v2": gmail.sign_v2(key, str(timestamp), fix_sender, msg),
+    }
     if fix_sender:
         fields["fix_sender"] = "true"
     if v1:
@@ -46,8 +50,10 @@ def v1_form(msg: bytes = MSG, key: bytes = KEY) -> bytes:
 
 
 def make(clock=None, **options):
-    return webtest.TestApp(mailer.make_app([KEY, OTHER_KEY], default_sender="default@example.com",
-                                           clock=clock or Clock(), **options), lint=True)
+    return webtest.TestApp(
+        mailer.make_app([KEY, OTHER_KEY], default_sender="default@example.com", clock=clock or Clock(), **options),
+        lint=True,
+    )
 
 
 def post(app, body, status="*"):
@@ -63,13 +69,31 @@ CASES = [
     ("v2 and v1 together", {"require_signature_v2": True}, v2_form(v1=True), 204, "", 1),
     ("v2 with the second key", {}, v2_form(key=OTHER_KEY), 204, "", 1),
     ("v2 wrong key", {}, v2_form(key=b"wrong"), 400, "signature does not match", 0),
-    ("v2 wrong key, valid v1 beside it", {}, v2_form(key=b"wrong", signature=gmail.sign_v1(KEY, MSG)), 400,
-     "signature does not match", 0),
+    (
+        "v2 wrong key, valid v1 beside it",
+        {},
+        v2_form(key=b"wrong", signature=gmail.sign_v1(KEY, MSG)),
+        400,
+        "signature does not match",
+        0,
+    ),
     ("v2 fix_sender added", {}, v2_form(fix_sender=False) + b"&fix_sender=true", 400, "signature does not match", 0),
-    ("v2 fix_sender removed", {}, v2_form(fix_sender=True).replace(b"&fix_sender=true", b""), 400,
-     "signature does not match", 0),
-    ("v2 expired", {}, v2_form(timestamp=NOW - 301), 400, "request expired: signed at 1799999699, server time is "
-     "1800000000", 0),
+    (
+        "v2 fix_sender removed",
+        {},
+        v2_form(fix_sender=True).replace(b"&fix_sender=true", b""),
+        400,
+        "signature does not match",
+        0,
+    ),
+    (
+        "v2 expired",
+        {},
+        v2_form(timestamp=NOW - 301),
+        400,
+        "request expired: signed at 1799999699, server time is 1800000000",
+        0,
+    ),
     ("v2 from the future", {}, v2_form(timestamp=NOW + 301), 400, "from the future", 0),
     ("v2 at the window's edge", {}, v2_form(timestamp=NOW - 300), 204, "", 1),
     ("v2 timestamp not a number", {}, v2_form(timestamp="soon"), 400, "'soon' is not a whole number", 0),
@@ -86,8 +110,11 @@ def test_signature_table(mail_stub, options, body, status, reason, sent):
     assert len(mail_stub.sent) == sent
 
 
-@pytest.mark.parametrize("later, status, reason", [(200, 204, ""), (301, 400, "request expired")],
-                         ids=["within the window", "after the window"])
+@pytest.mark.parametrize(
+    "later, status, reason",
+    [(200, 204, ""), (301, 400, "request expired")],
+    ids=["within the window", "after the window"],
+)
 def test_replay_is_never_sent_again(mail_stub, later, status, reason):
     clock = Clock()
     app = make(clock)
@@ -145,7 +172,7 @@ def test_require_v2_from_environment(monkeypatch, tmp_path):
 
 
 def test_in_process_store_is_bounded():
-    store = mailer.InProcessReplayStore(max_entries=100)
+    store = signatures.InProcessReplayStore(max_entries=100)
     for i in range(10_000):
         assert store.claim(f"key{i}", 300) is None
         store.mark_sent(f"key{i}", 300)
@@ -155,7 +182,7 @@ def test_in_process_store_is_bounded():
 
 def test_in_process_store_forgets_after_ttl():
     clock = Clock(0)
-    store = mailer.InProcessReplayStore(clock=clock)
+    store = signatures.InProcessReplayStore(clock=clock)
     store.claim("k", 10)
     store.mark_sent("k", 10)
     clock.now = 9
@@ -172,7 +199,7 @@ def memcache():
 
 
 def test_memcache_store_against_sdk_stub(memcache):
-    store = mailer.MemcacheReplayStore()
+    store = signatures.MemcacheReplayStore()
     assert store.claim("sig", 300) is None
     assert store.claim("sig", 300) == "pending"
     store.release("sig")
@@ -185,7 +212,7 @@ def test_memcache_store_against_sdk_stub(memcache):
 
 def test_app_with_memcache_store_sends_once(mail_stub, memcache):
     clock = Clock()
-    app = make(clock, replay_store=mailer.MemcacheReplayStore())
+    app = make(clock, replay_store=signatures.MemcacheReplayStore())
     body = v2_form()
     post(app, body, 204)
     post(app, body, 204)
@@ -270,8 +297,11 @@ def test_client_retries_once_after_dropped_connection(reference_server):
 
 def test_cli_exit_code_unchanged_after_retry(reference_server, tmp_path):
     reference_server.force_status, reference_server.retry_after = 503, "0"
-    code = gmail.main(["--url", reference_server.url, "-i"], stdin=__import__("io").BytesIO(MSG),
-                      environ={"GMAIL_SECRET_KEY": KEY.decode()})
+    code = gmail.main(
+        ["--url", reference_server.url, "-i"],
+        stdin=__import__("io").BytesIO(MSG),
+        environ={"GMAIL_SECRET_KEY": KEY.decode()},
+    )
     assert code == 75 and reference_server.requests == 2
 
 

@@ -13,8 +13,12 @@ from django.conf import settings  # noqa: E402
 DJANGO_SECRET = "django-project-secret-key-used-for-signing"
 if not settings.configured:
     warnings.simplefilter("ignore", PendingDeprecationWarning)
-    settings.configure(SECRET_KEY=DJANGO_SECRET, EMAIL_BACKEND="appengine_mailer.django_email_backend.GmailBackend",
-                       DEFAULT_FROM_EMAIL="webmaster@example.com", USE_TZ=True)
+    settings.configure(
+        SECRET_KEY=DJANGO_SECRET,
+        EMAIL_BACKEND="appengine_mailer.django_email_backend.GmailBackend",
+        DEFAULT_FROM_EMAIL="webmaster@example.com",
+        USE_TZ=True,
+    )
     django.setup()
 
 from django.core import mail  # noqa: E402
@@ -27,8 +31,10 @@ from conftest import KEY, free_port, server_env  # noqa: E402
 
 # Django 6.1 deprecates EMAIL_BACKEND and get_connection() in favour of MAILERS; the
 # documented settings still work until Django 2028, and these tests use them on purpose.
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
+]
 
 
 @pytest.fixture
@@ -61,9 +67,15 @@ def test_send_mass_mail(proxy):
 
 def test_everything_django_expresses_arrives(proxy):
     msg = mail.EmailMultiAlternatives(
-        "Grüße", "Plain text\n", "Sender Näme <from@example.com>", ["to@example.com"],
-        cc=["cc@example.com"], bcc=["hidden@example.com"], reply_to=["replies@example.com"],
-        headers={"In-Reply-To": "<earlier@example.com>", "X-Not-Allowed": "dropped"})
+        "Grüße",
+        "Plain text\n",
+        "Sender Näme <from@example.com>",
+        ["to@example.com"],
+        cc=["cc@example.com"],
+        bcc=["hidden@example.com"],
+        reply_to=["replies@example.com"],
+        headers={"In-Reply-To": "<earlier@example.com>", "X-Not-Allowed": "dropped"},
+    )
     msg.attach_alternative("<p>HTML <img src='cid:logo'></p>", "text/html")
     msg.attach("report.pdf", b"%PDF-1.4\x00\xff binary", "application/pdf")
     logo = MIMEImage(b"\x89PNG\r\n\x1a\nfakepng", "png")
@@ -104,14 +116,19 @@ def test_refusal_raises_unless_silent(reference_server):
 
 
 def test_missing_setting_is_improperly_configured_even_when_silent():
-    with override_settings(EMAIL_APPENGINE_PROXY_URL=None):
-        with pytest.raises(ImproperlyConfigured, match="EMAIL_APPENGINE_PROXY_URL"):
-            mail.get_connection(fail_silently=True)
+    with (
+        override_settings(EMAIL_APPENGINE_PROXY_URL=None),
+        pytest.raises(ImproperlyConfigured, match="EMAIL_APPENGINE_PROXY_URL"),
+    ):
+        mail.get_connection(fail_silently=True)
 
 
 def test_own_secret_key_setting_and_fix_sender(reference_server):
-    with override_settings(EMAIL_APPENGINE_PROXY_URL=reference_server.url, EMAIL_APPENGINE_SECRET_KEY=KEY.decode(),
-                           EMAIL_APPENGINE_FIX_SENDER=True):
+    with override_settings(
+        EMAIL_APPENGINE_PROXY_URL=reference_server.url,
+        EMAIL_APPENGINE_SECRET_KEY=KEY.decode(),
+        EMAIL_APPENGINE_FIX_SENDER=True,
+    ):
         assert mail.send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1
     assert reference_server.accepted[0]["fix_sender"] == "true"
 
@@ -144,10 +161,12 @@ def test_django6_alias_accepted_and_unknown_options_rejected(reference_server):
 
 @pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS arrived in Django 6.1")
 def test_django61_mailers_options(reference_server):
-    mailers = {"default": {"BACKEND": "appengine_mailer.django_email_backend.GmailBackend",
-                           "OPTIONS": {"proxy_url": reference_server.url, "secret_key": KEY.decode(),
-                                       "fix_sender": True}}}
-    with override_settings(MAILERS=mailers):
-        with mail.mailers["default"] as connection:
-            sent = connection.send_messages([mail.EmailMessage("s", "b", "f@example.com", ["t@example.com"])])
+    mailers = {
+        "default": {
+            "BACKEND": "appengine_mailer.django_email_backend.GmailBackend",
+            "OPTIONS": {"proxy_url": reference_server.url, "secret_key": KEY.decode(), "fix_sender": True},
+        }
+    }
+    with override_settings(MAILERS=mailers), mail.mailers["default"] as connection:
+        sent = connection.send_messages([mail.EmailMessage("s", "b", "f@example.com", ["t@example.com"])])
     assert sent == 1 and reference_server.accepted[0]["fix_sender"] == "true"

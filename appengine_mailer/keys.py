@@ -1,0 +1,92 @@
+"""`python mailer.py keys new|list|retire`: rotate keys without refusing a message.
+
+Keys are written by the owner for the owner (0600, atomically), listed by
+fingerprint only, and the last key cannot be retired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .settings import key_fingerprint, parse_keys
+
+EX_DATAERR, EX_NOINPUT = 65, 66
+
+
+def default_key_file(root: Path) -> Path:
+    """The key file of a deployment rooted at `root` (where mailer.py lives)."""
+    return root / "keys" / "GMAIL_SECRET_KEY"
+
+
+def new_key() -> bytes:
+    """A strong random key: 256 bits, URL-safe so it pastes anywhere."""
+    return secrets.token_urlsafe(32).encode("ascii")
+
+
+def write_key_file(path: Path, keys: list[bytes]) -> None:
+    """Replace the key file atomically, readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(b"".join(key + b"\n" for key in keys))
+        out.flush()
+        os.fsync(out.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def add_keys_command(commands, root: Path) -> None:
+    """Add the `keys` subcommand to mailer.py's command line."""
+    key_file = default_key_file(root)
+    keys = commands.add_parser(
+        "keys",
+        help="manage the secret keys (new, list, retire)",
+        description="Rotate keys without downtime: `keys new`, deploy, switch the clients, `keys retire OLD`, deploy.",
+    )
+    keys.add_argument("action", choices=["new", "list", "retire"])
+    keys.add_argument("fingerprint", nargs="?", help="with retire: the fingerprint shown by `keys list`")
+    keys.add_argument("--file", type=Path, default=key_file, help=f"key file (default {key_file})")
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    """Run `keys ACTION` on the key file; return the exit status."""
+    return manage_keys(args.action, args.file, args.fingerprint)
+
+
+def manage_keys(action: str, path: Path, fingerprint: Optional[str] = None) -> int:
+    """`keys new|list|retire`: manage the key file so keys rotate without refusing a message."""
+    keys = parse_keys(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if action == "new":
+        key = new_key()
+        write_key_file(path, [*keys, key])
+        print(
+            f"added key {key_fingerprint(key)} to {path} ({len(keys) + 1} valid); give it to clients:\n{key.decode()}"
+        )
+    elif action == "list":
+        if not keys:
+            print(f"no keys in {path}", file=sys.stderr)
+            return EX_NOINPUT
+        for number, key in enumerate(keys, 1):
+            newest = "  (newest)" if number == len(keys) else ""
+            print(f"{key_fingerprint(key)}  {len(key):3d} characters{newest}")
+    elif action == "retire":
+        matches = [k for k in keys if key_fingerprint(k).startswith((fingerprint or "").lower())]
+        if not fingerprint or len(fingerprint) < 6 or len(matches) != 1:
+            print(
+                f"mailer.py: {fingerprint!r} names {len(matches) if fingerprint else 0} keys; give at least 6 "
+                f"characters of one fingerprint from `keys list`",
+                file=sys.stderr,
+            )
+            return EX_DATAERR
+        if len(keys) == 1:
+            print("mailer.py: refusing to retire the only key: add a new one first (`keys new`)", file=sys.stderr)
+            return EX_DATAERR
+        write_key_file(path, [k for k in keys if k is not matches[0]])
+        print(f"retired key {key_fingerprint(matches[0])}; {len(keys) - 1} valid key(s) left in {path}")
+    return 0

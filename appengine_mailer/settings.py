@@ -1,0 +1,107 @@
+"""Settings of the server: keys, default sender and options.
+
+Explicit arguments (make_app) come first; the module-level app reads the
+environment, then files of the same name in the deployment's keys/ folder and
+its root (the original's layout).  A bad setting stops the server with one line
+and exit 78 (EX_CONFIG) rather than answering every request with an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+log = logging.getLogger("appengine_mailer")
+
+MIN_KEY_LENGTH = 16
+DEFAULT_MAX_RECIPIENTS = 100
+DEFAULT_SMTP_TIMEOUT = 30.0
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+EX_CONFIG = 78
+
+
+def _setting(name: str, environ: Mapping[str, str], search: Iterable[Path]) -> tuple[Optional[str], Optional[Path]]:
+    """Return a setting and the file it came from: the environment first, then the first file found."""
+    if environ.get(name):
+        return environ[name], None
+    for folder in search:
+        path = folder / name
+        if path.is_file():
+            return path.read_text(encoding="utf-8"), path
+    return None, None
+
+
+def parse_keys(text: Optional[str]) -> list[bytes]:
+    """Split a key file into keys: one per line, blank lines and outer whitespace ignored."""
+    if not text:
+        return []
+    return [line.strip().encode("utf-8") for line in text.splitlines() if line.strip()]
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A short name for a key that reveals nothing of it, for listings and logs."""
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
+def keys_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> list[bytes]:
+    """Read the secret keys: env GMAIL_SECRET_KEY, else keys/, else the original's file names.
+
+    Warns (never failing) about a key file others can read and about short keys.
+    """
+    environ = os.environ if environ is None else environ
+    text, path = _setting("GMAIL_SECRET_KEY", environ, [root / "keys", root])
+    if not parse_keys(text):
+        text, path = _setting("GMAIL_SECRET_KEYS", {}, [root])
+    keys = parse_keys(text)
+    if path is not None and path.stat().st_mode & 0o077:
+        log.warning("key file %s is readable by other users: run chmod 600 %s", path, path)
+    for key in keys:
+        if len(key) < MIN_KEY_LENGTH:
+            log.warning(
+                "key %s is only %d characters long: replace it with `python mailer.py keys new`",
+                key_fingerprint(key),
+                len(key),
+            )
+    return keys
+
+
+def default_sender_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> Optional[str]:
+    """Read the optional default sender the same way as the keys."""
+    environ = os.environ if environ is None else environ
+    value, _ = _setting("GMAIL_DEFAULT_SENDER", environ, [root / "keys", root])
+    return value.strip() or None if value else None
+
+
+def smtp_mode(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether the SDK will deliver through SMTP instead of the Mail API."""
+    environ = os.environ if environ is None else environ
+    return environ.get("APPENGINE_USE_SMTP_MAIL_SERVICE") == "true"
+
+
+def on_app_engine(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether this process runs on App Engine standard (where the Mail API is real)."""
+    environ = os.environ if environ is None else environ
+    return environ.get("GAE_ENV", "").startswith("standard")
+
+
+def flag_setting(environ: Mapping[str, str], name: str) -> bool:
+    """A yes/no setting from the environment (true/yes/on/1 mean yes)."""
+    return environ.get(name, "").strip().lower() in TRUE_WORDS
+
+
+def number_setting(environ: Mapping[str, str], name: str, default: float) -> float:
+    """A positive number from the environment; a bad one stops the server with a line saying so."""
+    text = environ.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = 0
+    if value <= 0:
+        print(f"mailer.py: {name} must be a positive number, not {text!r}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG)
+    return value
