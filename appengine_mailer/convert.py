@@ -11,7 +11,8 @@ from __future__ import annotations
 import email.utils
 import mimetypes
 import re
-from email.errors import HeaderParseError
+import unicodedata
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from typing import Iterable, Optional, cast
@@ -29,8 +30,8 @@ _ALLOWED_HEADERS = {name.lower(): name for name in mail.HEADER_WHITELIST}
 _BODY_FIELDS = {"text/plain": "body", "text/html": "html"}
 
 
-def header_text(value) -> str:
-    """Return a header value as text on one line, raw 8-bit bytes read as UTF-8 (else latin-1).
+def _read_8bit(value) -> str:
+    """Return a header value as text, raw 8-bit bytes read as UTF-8 (else latin-1), nothing else changed.
 
     The parser keeps undecodable 8-bit header bytes as surrogates; RFC 6532 mail
     carries UTF-8 there, older mail often latin-1.
@@ -44,18 +45,29 @@ def header_text(value) -> str:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             text = raw.decode("latin-1")
-    return " ".join(text.split())
+    return text
 
 
-def decode_words(text: str) -> str:
-    """Decode RFC 2047 encoded words in a display name, subject or file name."""
-    text = header_text(text)
+def header_text(value) -> str:
+    """Return a header value as text on one line (see _read_8bit), runs of whitespace made one space."""
+    return " ".join(_read_8bit(value).split())
+
+
+def _decoded_words(text: str) -> str:
+    """Decode the RFC 2047 encoded words in `text`, leaving everything else as it is."""
     if "=?" not in text:
         return text
     try:
-        return header_text(make_header(decode_header(text)))
-    except (LookupError, UnicodeError, ValueError, HeaderParseError):
-        return text  # malformed encoded words are shown as they came
+        return str(make_header(decode_header(text)))
+    except (LookupError, UnicodeError, ValueError, MessageError):
+        # A malformed encoded word, or one naming a charset that does not exist
+        # (CharsetError): shown as it came, as mail clients do.
+        return text
+
+
+def decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded words in a display name or subject, on one line."""
+    return header_text(_decoded_words(header_text(text)))
 
 
 def _format_address(name: str, spec: str, header: str) -> str:
@@ -94,10 +106,29 @@ def _decode_text(part: Message) -> str:
     raise AssertionError("latin-1 decodes any bytes")
 
 
+# Invisible characters that reorder what a reader sees ("evil\u202etxt.exe" shows as "evilexe.txt").
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _is_control(char: str) -> bool:
+    """A character no file name should hold: C0/C1 controls (a tab from folding aside) and bidi controls."""
+    return char in _BIDI_CONTROLS or (char != "\t" and unicodedata.category(char) == "Cc")
+
+
 def _attachment_name(part: Message, name: Optional[str], index: int) -> str:
-    """The part's file name, RFC 2047 decoded, else one made from its content type."""
+    """The part's file name as the recipient's system will see it, else one made from its content type.
+
+    get_filename() has already joined and decoded the RFC 2231 form; RFC 2047
+    words are decoded here.  A name with control characters is refused (a NUL
+    ends the name early on many systems, so "evil.exe\0.txt" is "evil.exe");
+    trailing dots and spaces are dropped, as Windows drops them, before the
+    extension is checked.
+    """
     if name:
-        name = decode_words(name).strip()
+        shown = _decoded_words(_read_8bit(name).replace("\r", "").replace("\n", ""))  # unfolded, then decoded
+        if any(_is_control(c) for c in shown):
+            raise BadRequest(f"attachment name {shown!r} holds control characters")
+        name = " ".join(shown.split()).rstrip(". ")
     if not name:
         extension = mimetypes.guess_extension(part.get_content_type()) or ".bin"
         name = "attachment" + extension if index == 0 else f"attachment-{index}{extension}"
@@ -182,7 +213,9 @@ class Outgoing:
         return sum(len(v) for v in self.recipients.values())
 
     def to_email_message(self, sender: str, reply_to: Optional[str]) -> RenderedEmailMessage:
-        fields: dict = {"sender": sender, "subject": self.subject, **self.bodies}
+        # The SDK refuses an empty HTML body (ValueError); a blank text body it takes.
+        bodies = {field: text for field, text in self.bodies.items() if text or field == "body"} or {"body": ""}
+        fields: dict = {"sender": sender, "subject": self.subject, **bodies}
         fields.update({h.lower(): v for h, v in self.recipients.items() if v})
         if reply_to:
             fields["reply_to"] = reply_to

@@ -20,6 +20,7 @@ from .errors import BadRequest
 
 MAX_HEADERS = 5000  # in the whole message, all parts together (a part has about 4)
 MAX_PARTS = 500
+MAX_DEPTH = 32  # multiparts and attached messages inside each other; real mail rarely passes 10
 
 # Bodies made only of base64 lines are cut out before parsing and put back after:
 # the stdlib still parses every header and the whole structure, but is spared
@@ -49,24 +50,47 @@ def stdlib_parse(raw: bytes) -> Message:
 
 
 def parse_message(raw: bytes) -> Message:
-    """Parse the message bytes as the stdlib does (faster for big base64 bodies); refuse non-email."""
-    if b"\x00" in raw[:4096]:
-        raise BadRequest("msg is binary data, not an RFC 2822 message")
+    """Parse the message bytes as the stdlib does (faster for big base64 bodies); refuse non-email.
+
+    RFC 5322 forbids NUL anywhere in a message, and an SMTP server may cut the
+    message at one, so a NUL is refused wherever it is.  Parts, header lines and
+    nesting are bounded, so no later step can run out of time or stack.
+    """
+    nul = raw.find(b"\x00")
+    if nul != -1:
+        if nul < 4096:
+            raise BadRequest("msg is binary data, not an RFC 2822 message")
+        raise BadRequest(f"msg holds a NUL byte at offset {nul}; send binary data as a base64 attachment")
     try:
         skeleton, cuts = cut_base64_bodies(raw)
         message = stdlib_parse(skeleton)
         if cuts and not restore_cut_bodies(message, cuts):
             message = stdlib_parse(raw)
+    except RecursionError:
+        raise BadRequest(f"message nests MIME parts more than {MAX_DEPTH} deep") from None
     except Exception as exc:  # the parser has no error type of its own
         raise BadRequest(f"msg is not a parseable email message ({type(exc).__name__})") from None
     if not message.keys():
         raise BadRequest("msg has no headers: it is not an RFC 2822 message")
-    headers = 0
-    for parts, part in enumerate(message.walk(), 1):
+    _check_size(message)
+    return message
+
+
+def _check_size(message: Message) -> None:
+    """Refuse a message over the part, header or depth bounds, walking it without recursion."""
+    parts = headers = 0
+    stack = [(message, 1)]
+    while stack:
+        part, depth = stack.pop()
+        parts += 1
         headers += len(part)
         if parts > MAX_PARTS or headers > MAX_HEADERS:
             raise BadRequest(f"message has more than {MAX_PARTS} MIME parts or {MAX_HEADERS} header lines")
-    return message
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"message nests MIME parts more than {MAX_DEPTH} deep")
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            stack.extend((sub, depth + 1) for sub in payload if isinstance(sub, Message))
 
 
 # ---------------------------------------------------------------------------
