@@ -26,42 +26,52 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import gmail
-from appengine_mailer import keys, serve
-from appengine_mailer.convert import Outgoing
-from appengine_mailer.delivery import configure_delivery, delivery_mode
-from appengine_mailer.errors import (
-    BadRequest,
-    HTTPError,
-    MethodNotAllowed,
-    NotFound,
-    ServiceUnavailable,
-    UnsupportedMediaType,
-    http_error_for_send_failure,
-)
-from appengine_mailer.fastparse import parse_message
-from appengine_mailer.form import MAX_BODY_BYTES, flag, parse_form, read_body
-from appengine_mailer.sdk import mail_errors
-from appengine_mailer.settings import (
-    DEFAULT_MAX_RECIPIENTS,
-    EX_CONFIG,
-    default_sender_from_environment,
-    flag_setting,
-    keys_from_environment,
-    number_setting,
-    on_app_engine,
-)
-from appengine_mailer.signatures import (
-    PENDING,
-    SENT,
-    InProcessReplayStore,
-    MemcacheReplayStore,
-    ReplayStore,
-    check_signature,
-    check_signature_v2,
-)
+
+try:
+    from appengine_mailer import keys, logs, relay, serve
+    from appengine_mailer.convert import Outgoing
+    from appengine_mailer.delivery import configure_delivery, delivery_mode
+    from appengine_mailer.errors import (
+        BadRequest,
+        HTTPError,
+        MethodNotAllowed,
+        NotFound,
+        ServiceUnavailable,
+        UnauthorizedSender,
+        UnsupportedMediaType,
+        http_error_for_send_failure,
+    )
+    from appengine_mailer.fastparse import parse_message
+    from appengine_mailer.form import MAX_BODY_BYTES, flag, parse_form, read_body
+    from appengine_mailer.settings import (
+        DEFAULT_MAX_RECIPIENTS,
+        EX_CONFIG,
+        MIN_KEY_LENGTH,
+        KeySource,
+        default_sender_from_environment,
+        flag_setting,
+        key_fingerprint,
+        key_source,
+        number_setting,
+        on_app_engine,
+    )
+    from appengine_mailer.signatures import (
+        PENDING,
+        SENT,
+        InProcessReplayStore,
+        MemcacheReplayStore,
+        ReplayStore,
+        check_signature,
+        check_signature_v2,
+    )
+except ImportError as missing:  # run as a command without the SDK: one line that says what to install
+    if __name__ != "__main__":
+        raise
+    print(f"mailer.py: {missing}", file=sys.stderr)
+    sys.exit(78)  # EX_CONFIG: the installation is incomplete
 
 __version__ = gmail.__version__
 
@@ -75,7 +85,7 @@ class Mailer:
 
     def __init__(
         self,
-        keys: list[bytes],
+        keys: KeySource,
         default_sender: Optional[str] = None,
         *,
         max_body: int = MAX_BODY_BYTES,
@@ -85,7 +95,7 @@ class Mailer:
         replay_store: Optional[ReplayStore] = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.keys = [k if isinstance(k, bytes) else k.encode("utf-8") for k in keys]
+        self._keys = keys
         self.default_sender = default_sender
         self.max_body = max_body
         self.max_recipients = max_recipients
@@ -94,8 +104,14 @@ class Mailer:
         self.replay_store = replay_store if replay_store is not None else InProcessReplayStore()
         self.clock = clock
 
+    @property
+    def keys(self) -> list[bytes]:
+        """The keys valid now (a key file is re-read within seconds of a change)."""
+        return self._keys if isinstance(self._keys, list) else self._keys.current()
+
     def __call__(self, environ: dict, start_response: Callable):
         method = environ.get("REQUEST_METHOD", "GET")
+        size = environ.get("CONTENT_LENGTH") or "0"
         try:
             if environ.get("PATH_INFO", "/") not in ("", "/"):
                 raise NotFound("not found: the proxy serves only /")
@@ -103,17 +119,21 @@ class Mailer:
                 return self._respond(start_response, "200 OK", self.health(), "application/json", method)
             if method != "POST":
                 raise MethodNotAllowed(f"method {method} is not allowed: POST a message to /")
-            self.handle_post(environ)
+            outcome = self.handle_post(environ)
         except HTTPError as err:
+            verdict = "failed" if err.status.startswith("5") else "refused"
+            _log_outcome(logging.INFO, verdict, err.status, err.reason, size=size)
             return self._respond(
                 start_response, err.status, err.reason + "\n", "text/plain; charset=utf-8", method, err.headers
             )
         except Exception as exc:  # a bug: answer without a traceback, whose text could quote the message
             frame = traceback.extract_tb(exc.__traceback__)[-1]
-            log.error("internal error: %s at %s:%d", type(exc).__name__, Path(frame.filename).name, frame.lineno)
+            where = f"{type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno}"
+            _log_outcome(logging.ERROR, "failed", "500", f"internal error: {where}", size=size)
             return self._respond(
                 start_response, "500 Internal Server Error", "internal error\n", "text/plain; charset=utf-8", method
             )
+        _log_outcome(logging.INFO, "sent", "204", outcome.pop("note", ""), size=size, **outcome)
         start_response("204 No Content", [])
         return []
 
@@ -139,55 +159,51 @@ class Mailer:
             + "\n"
         )
 
-    def handle_post(self, environ: dict) -> None:
+    def handle_post(self, environ: dict) -> dict:
         content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if content_type != "application/x-www-form-urlencoded":
             raise UnsupportedMediaType(
                 f"content type {content_type or 'missing'!r}: send application/x-www-form-urlencoded"
             )
-        try:
-            self.send(parse_form(read_body(environ, self.max_body)))
-        except HTTPError as err:
-            log.info("refused: %s (%s) Content-Length=%r", err.status, err.reason, environ.get("CONTENT_LENGTH"))
-            raise
+        return self.send(parse_form(read_body(environ, self.max_body)))
 
-    def send(self, form: Mapping[str, bytes]) -> None:
-        """Check, convert and send one message; raise HTTPError for any refusal."""
+    def send(self, form: Mapping[str, bytes]) -> dict:
+        """Check, convert and send one message; return what to log of it, or raise HTTPError for any refusal."""
         fix_sender = flag(form, "fix_sender")
         replay_key = self.authenticate(form, fix_sender)
         if replay_key is None:
-            self._send_message(form["msg"], fix_sender)
-            return
+            return self._send_message(form["msg"], fix_sender)
         ttl = int(form["timestamp"]) + self.replay_window - self.clock() + 1
         state = self.replay_store.claim(replay_key, ttl)
         if state == SENT:
-            log.info("duplicate: already sent within its window, not sent again")
-            return
+            return {"note": "duplicate of a request already sent within its window, not sent again"}
         if state == PENDING:
             raise ServiceUnavailable("the same request is being sent right now; retry shortly", retry_after=1)
         try:
-            self._send_message(form["msg"], fix_sender)
+            outcome = self._send_message(form["msg"], fix_sender)
         except BaseException:
             self.replay_store.release(replay_key)  # not sent: a retry must send it
             raise
         self.replay_store.mark_sent(replay_key, ttl)
+        return outcome
 
     def authenticate(self, form: Mapping[str, bytes], fix_sender: bool) -> Optional[str]:
         """Check the request's signature (v2 when present, else v1); return the v2 replay key."""
         if not form.get("msg"):
             raise BadRequest("missing or empty field 'msg'")
-        if not self.keys:
+        keys = self.keys
+        if not keys:
             raise ServiceUnavailable("the proxy has no secret key configured (set GMAIL_SECRET_KEY)")
         if form.get("signature_v2"):
-            return check_signature_v2(self.keys, form, fix_sender, self.clock(), self.replay_window)
+            return check_signature_v2(keys, form, fix_sender, self.clock(), self.replay_window)
         if not form.get("signature"):
             raise BadRequest("missing or empty field 'signature'")
         if self.require_signature_v2:
             raise BadRequest("this proxy requires signature_v2 (with timestamp); upgrade the client or turn it on")
-        check_signature(self.keys, form["msg"], form["signature"])
+        check_signature(keys, form["msg"], form["signature"])
         return None
 
-    def _send_message(self, msg: bytes, fix_sender: bool) -> None:
+    def _send_message(self, msg: bytes, fix_sender: bool) -> dict:
         outgoing = Outgoing(parse_message(msg), self.max_recipients)
         sender, reply_to = outgoing.sender, outgoing.reply_to
         if sender is None:
@@ -196,18 +212,16 @@ class Mailer:
             sender = self._default_sender_or_refuse("message has no From address")
         try:
             self._deliver(outgoing, sender, reply_to)
-        except mail_errors.InvalidSenderError as exc:
-            refusal = http_error_for_send_failure(exc)
-            if not fix_sender or not isinstance(refusal, BadRequest):  # only a refused sender falls back
-                raise refusal from None
+        except UnauthorizedSender:
+            if not fix_sender:
+                raise
             fallback = self._default_sender_or_refuse(f"sender {sender!r} is not authorized")
             self._deliver(outgoing, fallback, reply_to or sender)
-        log.info(
-            "sent: size=%d recipients=%d attachments=%d",
-            len(msg),
-            outgoing.recipient_count,
-            len(outgoing.attachments),
-        )
+        outcome = {"recipients": outgoing.recipient_count, "attachments": len(outgoing.attachments)}
+        refused = relay.log_refused_recipients(outgoing.recipient_count)
+        if refused:
+            outcome["relay_refused"] = refused
+        return outcome
 
     def _default_sender_or_refuse(self, why: str) -> str:
         if not self.default_sender:
@@ -215,28 +229,66 @@ class Mailer:
         return self.default_sender
 
     def _deliver(self, outgoing: Outgoing, sender: str, reply_to: Optional[str]) -> None:
+        """Send through the SDK; every failure becomes the HTTPError the client gets."""
+        relay.take_refused()
         try:
             outgoing.to_email_message(sender, reply_to).send()
-        except mail_errors.InvalidSenderError:
-            raise
         except Exception as exc:
             raise http_error_for_send_failure(exc) from None
 
 
-def make_app(keys: Iterable, default_sender: Optional[str] = None, **limits) -> Mailer:
+def _log_outcome(level: int, verdict: str, status: str, reason: str, **fields) -> None:
+    """One line per request: sent, refused (the client's fault) or failed (ours), with sizes and counts only."""
+    code = status.split()[0]
+    details = " ".join(f"{name}={value}" for name, value in fields.items())
+    log.log(
+        level,
+        "%s: %s %s%s",
+        verdict,
+        code,
+        f"{reason} " if reason else "",
+        details,
+        extra={"fields": {"outcome": verdict, "status": int(code), "reason": reason, **fields}},
+    )
+
+
+def make_app(
+    keys: Union[Iterable[Union[bytes, str]], bytes, str], default_sender: Optional[str] = None, **limits
+) -> Mailer:
     """Build the WSGI app from explicit settings, for embedding and tests.
 
+    `keys` is one key or several (bytes or str).  A blank key would let anyone
+    sign, so it is refused (ValueError); a short one is logged as a warning.
     The app sends through whatever `mail` stub is registered in apiproxy_stub_map.
     """
-    return Mailer(list(keys), default_sender, **limits)
+    return Mailer(_checked_keys(keys), default_sender, **limits)
+
+
+def _checked_keys(keys: Union[Iterable[Union[bytes, str]], bytes, str]) -> list[bytes]:
+    if isinstance(keys, (bytes, str)):
+        keys = [keys]
+    checked = []
+    for number, key in enumerate(keys, 1):
+        if isinstance(key, str):
+            key = key.encode("utf-8")
+        if not isinstance(key, bytes):
+            raise TypeError(f"make_app: key #{number} is a {type(key).__name__}, not bytes or str")
+        if not key.strip():
+            raise ValueError(f"make_app: key #{number} is blank: a blank key would let anyone send")
+        if len(key) < MIN_KEY_LENGTH:
+            log.warning(
+                "key %s is only %d characters long: use `python mailer.py keys new`", key_fingerprint(key), len(key)
+            )
+        checked.append(key)
+    return checked
 
 
 def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path = HERE) -> Mailer:
     """Build the app from the environment and key files, setting up local delivery (see configure_delivery)."""
     environ = os.environ if environ is None else environ
     configure_delivery(environ, root)
-    return make_app(
-        keys_from_environment(environ, root),
+    return Mailer(
+        key_source(environ, root),
         default_sender_from_environment(environ, root),
         require_signature_v2=flag_setting(environ, "GMAIL_REQUIRE_SIGNATURE_V2"),
         # On App Engine many instances serve one proxy: only memcache is shared by all.
@@ -247,6 +299,7 @@ def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path
 
 def _module_app():
     """The app gunicorn and `python mailer.py` serve, wrapped for the bundled services on App Engine."""
+    logs.configure()
     application = app_from_environment()
     if on_app_engine():
         from google.appengine.api import wrap_wsgi_app
@@ -263,7 +316,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = serve.build_parser(HERE).parse_args(argv)
     if args.command == "keys":
         return keys.keys_command(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     application = app
     key_file = keys.default_key_file(HERE)
     if not application.keys and args.create_dev_key:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import email.encoders
 import email.utils
+import logging
 import mailbox
 import os
-import socket
+import sys
 import threading
 from email.message import Message
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, MutableMapping, Optional
 
+from . import relay
 from .sdk import apiproxy_errors, apiproxy_stub_map, mail
-from .settings import DEFAULT_SMTP_TIMEOUT, number_setting, on_app_engine, smtp_mode
+from .settings import DEFAULT_SMTP_TIMEOUT, EX_CONFIG, number_setting, on_app_engine, smtp_mode
+
+log = logging.getLogger("appengine_mailer")
 
 
 def render_mime(proto) -> Message:
@@ -76,16 +80,25 @@ def install_outbox(path: Path) -> bool:
 
 
 def configure_delivery(environ: Optional[Mapping[str, str]], root: Path) -> None:
-    """Set up local delivery before the first send.
+    """Set up delivery before the first send; stop with one line per bad SMTP setting (exit 78).
 
-    Outside App Engine and SMTP mode this registers the Maildir outbox (never
-    replacing a registered stub).  In SMTP mode it bounds how long a hung SMTP
-    server can hold a request, since the SDK opens its connection with no timeout.
+    In SMTP mode the SDK's send() gets relay.RelaySMTP (a timeout, a verified
+    STARTTLS, the refused recipients kept).  Outside App Engine and SMTP mode
+    this registers the Maildir outbox (never replacing a registered stub).
     """
     environ = os.environ if environ is None else environ
+    if isinstance(environ, MutableMapping):
+        relay.load_from_files(environ, root)
+    errors, warnings = relay.check_settings(environ)
+    for line in errors:
+        print(f"mailer.py: {line}", file=sys.stderr)
+    if errors:
+        raise SystemExit(EX_CONFIG)
+    for line in warnings:
+        log.warning("%s", line)
     if smtp_mode(environ):
-        if socket.getdefaulttimeout() is None:
-            socket.setdefaulttimeout(number_setting(environ, "GMAIL_SMTP_TIMEOUT", DEFAULT_SMTP_TIMEOUT))
+        timeout = number_setting(environ, "GMAIL_SMTP_TIMEOUT", DEFAULT_SMTP_TIMEOUT)
+        relay.install(timeout, environ.get("GMAIL_SMTP_CA_FILE") or None)
     elif not on_app_engine(environ):
         install_outbox(Path(environ.get("GMAIL_OUTBOX", root / "outbox")))
 

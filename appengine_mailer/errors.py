@@ -8,9 +8,14 @@ rely on that split, so it is decided here and nowhere else.
 
 from __future__ import annotations
 
-from typing import Iterable
+import os
+import smtplib
+import ssl
+from typing import Iterable, Optional
 
+from . import relay
 from .sdk import apiproxy_errors, mail_errors
+from .settings import smtp_mode
 
 RETRY_AFTER_SECONDS = 60
 
@@ -53,6 +58,10 @@ class UnsupportedMediaType(HTTPError):
     status = "415 Unsupported Media Type"
 
 
+class UnauthorizedSender(BadRequest):
+    """The mail service will not send from this sender; with fix_sender the default sender is tried."""
+
+
 class ServiceUnavailable(HTTPError):
     status = "503 Service Unavailable"
 
@@ -78,10 +87,13 @@ def http_error_for_send_failure(exc: Exception) -> HTTPError:
     """Map an exception raised while sending to the answer the client gets."""
     if isinstance(exc, HTTPError):
         return exc
+    smtp_failure = _smtp_failure(exc.__context__)
+    if smtp_failure is not None:
+        return smtp_failure
     if isinstance(exc, mail_errors.InvalidSenderError):
         if str(exc).startswith("SMTP authentication failed"):
             return ServiceUnavailable("the SMTP server refused the proxy's credentials")
-        return BadRequest(f"unauthorized sender: {exc}".rstrip(": "))
+        return UnauthorizedSender(f"unauthorized sender: {exc}".rstrip(": "))
     if isinstance(exc, CLIENT_MAIL_ERRORS):
         return BadRequest(f"the mail service refused the message: {type(exc).__name__}: {exc}")
     if isinstance(exc, UnicodeError):
@@ -89,3 +101,61 @@ def http_error_for_send_failure(exc: Exception) -> HTTPError:
     if isinstance(exc, (mail_errors.Error, apiproxy_errors.Error, OSError)):
         return ServiceUnavailable("the mail service is unavailable, retry later")
     raise exc
+
+
+# ---------------------------------------------------------------------------
+# SMTP mode: the SDK raises mail.Error from inside its `except smtplib...:`
+# block, so the relay's own exception is the context of the one we catch.
+# ---------------------------------------------------------------------------
+
+
+def _reply(code: int, text) -> str:
+    """An SMTP reply as one short line: "550 5.1.1 no such user"."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return " ".join(f"{code} {text}".split())[:300]
+
+
+def _smtp_failure(cause: Optional[BaseException]) -> Optional[HTTPError]:
+    """The answer for a failure of the SMTP relay, naming it and quoting its reply; None if not one."""
+    if not (smtp_mode() and isinstance(cause, OSError)):  # smtplib's errors are OSErrors too
+        return None
+    at = relay.address(os.environ)
+    if isinstance(cause, smtplib.SMTPRecipientsRefused):
+        replies = [_reply(code, text) for code, text in cause.recipients.values()]
+        if all(code >= 500 for code, _ in cause.recipients.values()):
+            return BadRequest(f"the SMTP relay at {at} refused every recipient: {'; '.join(sorted(set(replies)))}")
+        return ServiceUnavailable(
+            f"the SMTP relay at {at} deferred the recipients: {'; '.join(sorted(set(replies)))}; retry later"
+        )
+    if isinstance(cause, smtplib.SMTPSenderRefused) and cause.smtp_code >= 500:
+        return UnauthorizedSender(
+            f"the SMTP relay at {at} refused the sender {cause.sender!r}: {_reply(cause.smtp_code, cause.smtp_error)}"
+        )
+    if isinstance(cause, smtplib.SMTPDataError) and cause.smtp_code >= 500:
+        return BadRequest(f"the SMTP relay at {at} refused the message: {_reply(cause.smtp_code, cause.smtp_error)}")
+    if isinstance(cause, smtplib.SMTPAuthenticationError):
+        return ServiceUnavailable(
+            f"the SMTP relay at {at} refused the proxy's credentials (APPENGINE_SMTP_USER, "
+            f"APPENGINE_SMTP_PASSWORD): {_reply(cause.smtp_code, cause.smtp_error)}"
+        )
+    if isinstance(cause, smtplib.SMTPNotSupportedError) and "STARTTLS" in str(cause).upper():
+        return ServiceUnavailable(f"the SMTP server at {at} does not offer STARTTLS; set APPENGINE_SMTP_USE_TLS=false")
+    if isinstance(cause, smtplib.SMTPResponseException):
+        return ServiceUnavailable(
+            f"the SMTP relay at {at} answered {_reply(cause.smtp_code, cause.smtp_error)}; retry later"
+        )
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return ServiceUnavailable(
+            f"the certificate of the SMTP relay at {at} could not be verified "
+            f"({cause.verify_message}); trust its CA with GMAIL_SMTP_CA_FILE"
+        )
+    if isinstance(cause, TimeoutError):
+        return ServiceUnavailable(
+            f"the SMTP relay at {at} did not answer within {relay.RelaySMTP.timeout_seconds:g} s; retry later"
+        )
+    if isinstance(cause, smtplib.SMTPServerDisconnected):
+        return ServiceUnavailable(f"the SMTP relay at {at} closed the connection ({cause}); retry later")
+    if isinstance(cause, OSError):
+        return ServiceUnavailable(f"cannot reach the SMTP relay at {at}: {cause.strerror or cause}; retry later")
+    return ServiceUnavailable(f"the SMTP relay at {at} failed: {type(cause).__name__}: {cause}")

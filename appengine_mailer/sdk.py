@@ -11,7 +11,7 @@ try:
 except ImportError:
     raise ImportError(
         "the appengine-mailer server needs the App Engine SDK: run `make run`, "
-        "or `pip install 'appengine-mailer[server]'`"
+        "or `pip install '.[server]'` in the project's folder"
     ) from None
 
 __all__ = ["apiproxy_errors", "apiproxy_stub_map", "mail", "mail_errors"]

@@ -27,9 +27,11 @@ def build_parser(root: Path) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailer.py",
         description="Serve the appengine-mailer proxy with a threaded stdlib WSGI server.",
-        epilog="Keys come from env GMAIL_SECRET_KEY (one per line) or keys/GMAIL_SECRET_KEY; "
-        "GMAIL_DEFAULT_SENDER is optional. Set APPENGINE_USE_SMTP_MAIL_SERVICE=true and "
-        "APPENGINE_SMTP_HOST/PORT/USER/PASSWORD/USE_TLS to deliver through SMTP; otherwise "
+        epilog="Keys come from env GMAIL_SECRET_KEY (one per line) or keys/GMAIL_SECRET_KEY (read again "
+        "within 2 s of a change); GMAIL_DEFAULT_SENDER is optional. To deliver through an SMTP relay set "
+        "APPENGINE_USE_SMTP_MAIL_SERVICE=true and APPENGINE_SMTP_HOST, APPENGINE_SMTP_PORT (default 587), "
+        "APPENGINE_SMTP_USER and APPENGINE_SMTP_PASSWORD; APPENGINE_SMTP_USE_TLS is true by default "
+        "(STARTTLS, certificate checked): set it to false only for a relay without STARTTLS. Otherwise "
         "messages land in the Maildir outbox/ (GMAIL_OUTBOX).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

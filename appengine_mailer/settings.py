@@ -12,8 +12,10 @@ import hashlib
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 log = logging.getLogger("appengine_mailer")
 
@@ -60,6 +62,12 @@ def keys_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> l
     keys = parse_keys(text)
     if path is not None and path.stat().st_mode & 0o077:
         log.warning("key file %s is readable by other users: run chmod 600 %s", path, path)
+    warn_short_keys(keys)
+    return keys
+
+
+def warn_short_keys(keys: Iterable[bytes]) -> None:
+    """Log (never fail) for each key too short to resist guessing, by fingerprint."""
     for key in keys:
         if len(key) < MIN_KEY_LENGTH:
             log.warning(
@@ -67,7 +75,69 @@ def keys_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> l
                 key_fingerprint(key),
                 len(key),
             )
-    return keys
+
+
+class KeyFile:
+    """The keys in a deployment's key files, read again within seconds of a change, without a restart.
+
+    A request costs one clock read; every `interval` seconds one stat() per
+    candidate file tells whether anything changed (modified, replaced, added or
+    removed), and only then are the files read again.  `make keys-new` or
+    `mailer.py keys retire` on a running server thus takes effect at once.
+    """
+
+    def __init__(self, root: Path, interval: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.root = root
+        self.interval = interval
+        self._clock = clock
+        self._paths = [root / "keys" / "GMAIL_SECRET_KEY", root / "GMAIL_SECRET_KEY", root / "GMAIL_SECRET_KEYS"]
+        self._lock = threading.Lock()
+        self._stamp = self._read_stamp()
+        self._keys = keys_from_environment({}, root)
+        self._next_check = clock() + interval
+
+    def _read_stamp(self) -> tuple:
+        stamp: list[Optional[tuple[int, int, int]]] = []
+        for path in self._paths:
+            try:
+                info = path.stat()
+            except OSError:
+                stamp.append(None)
+            else:
+                stamp.append((info.st_mtime_ns, info.st_size, info.st_ino))
+        return tuple(stamp)
+
+    def current(self) -> list[bytes]:
+        """The keys valid now."""
+        if self._clock() >= self._next_check:
+            with self._lock:
+                if self._clock() >= self._next_check:
+                    self._reload_if_changed()
+                    self._next_check = self._clock() + self.interval
+        return self._keys
+
+    def _reload_if_changed(self) -> None:
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        self._keys = keys_from_environment({}, self.root)
+        log.info(
+            "keys reloaded: %d valid (%s)",
+            len(self._keys),
+            ", ".join(key_fingerprint(k) for k in self._keys) or "none: every request is refused",
+        )
+
+
+KeySource = Union[list[bytes], KeyFile]
+
+
+def key_source(environ: Optional[Mapping[str, str]], root: Path) -> KeySource:
+    """Keys from the environment are fixed for the process's life; keys from files follow the files."""
+    environ = os.environ if environ is None else environ
+    if environ.get("GMAIL_SECRET_KEY"):
+        return keys_from_environment(environ, root)
+    return KeyFile(root)
 
 
 def default_sender_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> Optional[str]:

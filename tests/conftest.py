@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -194,6 +195,17 @@ def server_env(tmp_path: Path, smtp: Optional[SMTPSink] = None, keys=(KEY,), **e
         )
     env.update(extra)
     return env
+
+
+@pytest.fixture
+def deployment(tmp_path) -> Path:
+    """A copy of the server with its own keys/ folder, as it would be deployed."""
+    root = tmp_path / "app"
+    root.mkdir()
+    for name in ("mailer.py", "gmail.py"):
+        shutil.copy(ROOT / name, root / name)
+    shutil.copytree(ROOT / "appengine_mailer", root / "appengine_mailer", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import io
 import os
 import shlex
 import subprocess
@@ -132,3 +133,24 @@ def test_key_files_never_enter_git():
     if result.returncode == 128:
         pytest.skip("not a git checkout")
     assert result.returncode == 0
+
+
+def test_help_without_the_sdk_says_what_to_install_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-S", str(ROOT / "mailer.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 78 and result.stdout == ""
+    assert result.stderr == (
+        "mailer.py: the appengine-mailer server needs the App Engine SDK: run `make run`, "
+        "or `pip install '.[server]'` in the project's folder\n"
+    )
+
+
+def test_pinned_sdk_does_not_know_app_engine_bundled_services_yet():
+    """app.yaml keeps `app_engine_apis: true`: the pinned SDK's appinfo refuses the newer spelling.
+
+    When this fails, the SDK has learned `app_engine_bundled_services`: switch app.yaml to it.
+    """
+    text = (ROOT / "app.yaml").read_text().replace("app_engine_apis: true", "app_engine_bundled_services: [mail]")
+    with pytest.raises(Exception, match="app_engine_bundled_services"):
+        appinfo.LoadSingleAppInfo(io.StringIO(text))

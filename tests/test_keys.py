@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
+import logging
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,20 +14,10 @@ import pytest
 import webtest
 
 import mailer
-from appengine_mailer.settings import key_fingerprint, keys_from_environment
-from conftest import KEY, ROOT, form, server_env
+from appengine_mailer.keys import write_key_file
+from appengine_mailer.settings import KeyFile, key_fingerprint, keys_from_environment
+from conftest import KEY, form, server_env
 from test_mailer import make_message
-
-
-@pytest.fixture
-def deployment(tmp_path) -> Path:
-    """A copy of the server with its own keys/ folder, as it would be deployed."""
-    root = tmp_path / "app"
-    root.mkdir()
-    for name in ("mailer.py", "gmail.py"):
-        shutil.copy(ROOT / name, root / name)
-    shutil.copytree(ROOT / "appengine_mailer", root / "appengine_mailer", ignore=shutil.ignore_patterns("__pycache__"))
-    return root
 
 
 def keys_cli(root: Path, *args) -> subprocess.CompletedProcess:
@@ -44,25 +35,26 @@ def post(url: str, body: bytes) -> int:
         return err.code
 
 
-def test_rotation_end_to_end(deployment, start_server, smtp_sink, tmp_path):
-    def new_key() -> bytes:
-        result = keys_cli(deployment, "new")
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip().splitlines()[-1].encode()
+def new_key_via_cli(deployment: Path) -> bytes:
+    result = keys_cli(deployment, "new")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1].encode()
 
+
+def test_rotation_end_to_end(deployment, start_server, smtp_sink, tmp_path):
     def deploy():
         env = server_env(tmp_path, smtp_sink)
         del env["GMAIL_SECRET_KEY"]  # read keys/GMAIL_SECRET_KEY, as on App Engine
         return start_server(env, cwd=deployment, script=deployment / "mailer.py")
 
-    old = new_key()
+    old = new_key_via_cli(deployment)
     key_file = deployment / "keys" / "GMAIL_SECRET_KEY"
     assert key_file.stat().st_mode & 0o777 == 0o600
     msg = make_message().as_bytes()
     server = deploy()
     assert post(server.url, form(msg, old)) == 204
 
-    new = new_key()  # 1. add the new key, 2. deploy
+    new = new_key_via_cli(deployment)  # 1. add the new key, 2. deploy
     server.stop()
     server = deploy()
     assert post(server.url, form(msg, old)) == 204  # clients not yet switched
@@ -107,3 +99,60 @@ def test_server_warns_about_readable_key_file_and_short_keys(deployment, start_s
     assert "readable by other users" in log and "chmod 600" in log
     assert f"key {key_fingerprint(b'short')} is only 5 characters" in log
     assert "short\n" not in log and "x" * 40 not in log
+
+
+def eventually(check, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.25)
+    return check()
+
+
+def test_key_file_changes_take_effect_without_a_restart(deployment, start_server, smtp_sink, tmp_path):
+    old = new_key_via_cli(deployment)
+    env = server_env(tmp_path, smtp_sink)
+    del env["GMAIL_SECRET_KEY"]  # keys/GMAIL_SECRET_KEY, as on App Engine and with `make run`
+    server = start_server(env, cwd=deployment, script=deployment / "mailer.py")
+    msg = make_message().as_bytes()
+    assert post(server.url, form(msg, old)) == 204
+    new = new_key_via_cli(deployment)
+    assert eventually(lambda: post(server.url, form(msg, new)) == 204)
+    assert keys_cli(deployment, "retire", key_fingerprint(old)).returncode == 0
+    assert eventually(lambda: post(server.url, form(msg, old)) == 400)
+    assert post(server.url, form(msg, new)) == 204
+    server.stop()
+    assert "keys reloaded: 2 valid" in "".join(server.log_lines)
+
+
+def test_key_file_is_only_looked_at_every_few_seconds(tmp_path):
+    now = [0.0]
+    key_file = tmp_path / "keys" / "GMAIL_SECRET_KEY"
+    write_key_file(key_file, [KEY])
+    keys = KeyFile(tmp_path, interval=2.0, clock=lambda: now[0])
+    assert keys.current() == [KEY]
+    write_key_file(key_file, [KEY, b"x" * 32])
+    now[0] = 1.9
+    assert keys.current() == [KEY]  # not looked at yet
+    now[0] = 2.1
+    assert keys.current() == [KEY, b"x" * 32]
+    key_file.unlink()
+    now[0] = 4.2
+    assert keys.current() == []  # every key retired: every request refused
+
+
+@pytest.mark.parametrize("keys", [[b""], [b"   "], ["\t"], [KEY, b" \n"]])
+def test_make_app_refuses_blank_keys(keys):
+    with pytest.raises(ValueError, match="blank"):
+        mailer.make_app(keys)
+
+
+def test_make_app_takes_one_key_or_several_and_warns_about_short_ones(mail_stub, caplog):
+    assert mailer.make_app(KEY).keys == [KEY]
+    assert mailer.make_app([KEY.decode(), "another-key-of-some-length"]).keys == [KEY, b"another-key-of-some-length"]
+    with pytest.raises(TypeError, match="key #1 is a int"):
+        mailer.make_app([123])
+    caplog.set_level(logging.WARNING)
+    mailer.make_app([b"short"])
+    assert f"key {key_fingerprint(b'short')} is only 5 characters long" in caplog.text

@@ -53,6 +53,6 @@ def test_pip_install_then_import_backend_from_site_packages(tmp_path):
     assert server.returncode == 1
     assert server.stderr.strip().splitlines()[-1] == (
         "ImportError: the appengine-mailer server needs the App Engine SDK: run `make run`, "
-        "or `pip install 'appengine-mailer[server]'`"
+        "or `pip install '.[server]'` in the project's folder"
     )
     assert list(env_dir.glob("lib/python3*/site-packages/appengine_mailer/convert.py"))
