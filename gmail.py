@@ -43,11 +43,13 @@ __all__ = [
     "ConfigurationError",
     "GmailProxy",
     "MessageSendingFailure",
+    "RequestNotVerified",
     "Spool",
     "SpoolBusy",
     "main",
     "sign_v1",
     "sign_v2",
+    "verify_request",
 ]
 
 ENVDIR = "/etc/envdir"
@@ -128,6 +130,44 @@ def form_body(msg: bytes, timestamp: str, signature: Optional[str], signature_v2
     if fix_sender:
         fields.append(b"fix_sender=true")
     return b"&".join(fields)
+
+
+class RequestNotVerified(ValueError):
+    """A signed request (such as a bounce the proxy forwards) failed verification; the message says why."""
+
+
+def verify_request(form, keys, window: int = REPLAY_WINDOW_SECONDS, *, now: Optional[float] = None) -> bytes:
+    """Check a request signed with signature v2 (what the proxy forwards, e.g. bounces); return its msg.
+
+    `form` maps field names to str or bytes (a dict, Django's request.POST, a
+    parsed query string's lists); `keys` is one key or several.  Raises
+    RequestNotVerified unless the signature matches one of the keys and the
+    timestamp is within `window` seconds of `now`.  A repeat within the window
+    verifies again: make handling a repeat harmless (the proxy forwards each
+    bounce at least once).
+    """
+
+    def field(name: str) -> bytes:
+        value = form.get(name, b"")
+        value = value[-1] if isinstance(value, list) and value else value
+        return value.encode("utf-8") if isinstance(value, str) else bytes(value or b"")
+
+    msg, stamp, signature = field("msg"), field("timestamp"), field("signature_v2").strip().lower()
+    if not msg or not signature:
+        raise RequestNotVerified("the request has no msg or no signature_v2")
+    if not (stamp.isdigit() and len(stamp) <= 12):
+        raise RequestNotVerified(f"timestamp {stamp.decode('ascii', 'replace')!r} is not a number of seconds")
+    age = (time.time() if now is None else now) - int(stamp)
+    if abs(age) > window:
+        when = f"{age:.0f} s ago" if age > 0 else f"{-age:.0f} s in the future"
+        raise RequestNotVerified(f"the request was signed {when}; requests are valid for {window} s")
+    if isinstance(keys, (str, bytes)):
+        keys = [keys]
+    candidates = [key.encode("utf-8") if isinstance(key, str) else bytes(key) for key in keys]
+    expected = [sign_v2(key, stamp.decode("ascii"), False, msg).encode("ascii") for key in candidates]
+    if not any([hmac.compare_digest(digest, signature) for digest in expected]):  # every key, always
+        raise RequestNotVerified("the signature does not match under any of the keys")
+    return msg
 
 
 # ---------------------------------------------------------------------------

@@ -31,11 +31,13 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import gmail
 
 try:
-    from appengine_mailer import keys, logs, relay, serve
-    from appengine_mailer.convert import Outgoing
+    from appengine_mailer import bounce, keys, logs, relay, serve
+    from appengine_mailer.check import dry_run
+    from appengine_mailer.convert import Outgoing, address_of, choose_sender, default_sender_or_refuse
     from appengine_mailer.delivery import configure_delivery, delivery_mode
     from appengine_mailer.errors import (
         BadRequest,
+        Forbidden,
         HTTPError,
         MethodNotAllowed,
         NotFound,
@@ -50,6 +52,7 @@ try:
         DEFAULT_MAX_RECIPIENTS,
         EX_CONFIG,
         MIN_KEY_LENGTH,
+        Key,
         KeySource,
         default_sender_from_environment,
         flag_setting,
@@ -64,6 +67,7 @@ try:
         InProcessReplayStore,
         MemcacheReplayStore,
         ReplayStore,
+        check_sender_allowed,
         check_signature,
         check_signature_v2,
     )
@@ -78,10 +82,15 @@ __version__ = gmail.__version__
 log = logging.getLogger("appengine_mailer")
 
 HERE = Path(__file__).resolve().parent  # the deployment: keys/ and outbox/ live beside this file
+# What a route's handler returns: the log verdict, a note, fields to log, and a JSON report (None: 204).
+Handled = tuple[str, str, dict, Optional[dict]]
 
 
 class Mailer:
-    """The WSGI callable: POST / sends, GET / reports health."""
+    """The WSGI callable: POST / sends, POST /check reports without sending, GET / reports health.
+
+    App Engine's bounce notifications arrive at POST /_ah/bounce (see appengine_mailer.bounce).
+    """
 
     def __init__(
         self,
@@ -93,6 +102,7 @@ class Mailer:
         require_signature_v2: bool = False,
         replay_window: int = gmail.REPLAY_WINDOW_SECONDS,
         replay_store: Optional[ReplayStore] = None,
+        bounce_url: Optional[str] = None,
         clock: Callable[[], float] = time.time,
     ):
         self._keys = keys
@@ -102,24 +112,28 @@ class Mailer:
         self.require_signature_v2 = require_signature_v2
         self.replay_window = replay_window
         self.replay_store = replay_store if replay_store is not None else InProcessReplayStore()
+        self.bounce_url = bounce_url
         self.clock = clock
+        self._routes = {"/": self.handle_send, "/check": self.handle_check, "/_ah/bounce": self.handle_bounce}
 
     @property
-    def keys(self) -> list[bytes]:
+    def keys(self) -> list[Key]:
         """The keys valid now (a key file is re-read within seconds of a change)."""
         return self._keys if isinstance(self._keys, list) else self._keys.current()
 
     def __call__(self, environ: dict, start_response: Callable):
         method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "") or "/"
         size = environ.get("CONTENT_LENGTH") or "0"
         try:
-            if environ.get("PATH_INFO", "/") not in ("", "/"):
-                raise NotFound("not found: the proxy serves only /")
-            if method in ("GET", "HEAD"):
+            handler = self._routes.get(path)
+            if handler is None:
+                raise NotFound("not found: the proxy serves /, /check and /_ah/bounce")
+            if method in ("GET", "HEAD") and path == "/":
                 return self._respond(start_response, "200 OK", self.health(), "application/json", method)
             if method != "POST":
-                raise MethodNotAllowed(f"method {method} is not allowed: POST a message to /")
-            outcome = self.handle_post(environ)
+                raise MethodNotAllowed(f"method {method} is not allowed: POST to {path}")
+            verdict, note, fields, report = handler(environ)
         except HTTPError as err:
             verdict = "failed" if err.status.startswith("5") else "refused"
             _log_outcome(logging.INFO, verdict, err.status, err.reason, size=size)
@@ -133,7 +147,10 @@ class Mailer:
             return self._respond(
                 start_response, "500 Internal Server Error", "internal error\n", "text/plain; charset=utf-8", method
             )
-        _log_outcome(logging.INFO, "sent", "204", outcome.pop("note", ""), size=size, **outcome)
+        if report is not None:
+            _log_outcome(logging.INFO, verdict, "200", note, size=size, **fields)
+            return self._respond(start_response, "200 OK", json.dumps(report) + "\n", "application/json", method)
+        _log_outcome(logging.INFO, verdict, "204", note, size=size, **fields)
         start_response("204 No Content", [])
         return []
 
@@ -154,25 +171,32 @@ class Mailer:
                     "delivery": delivery_mode(),
                     "signature_v2_required": self.require_signature_v2,
                     "replay_window_seconds": self.replay_window,
+                    "bounces_forwarded": bool(self.bounce_url),
                 }
             )
             + "\n"
         )
 
-    def handle_post(self, environ: dict) -> dict:
+    # -- POST /: send -------------------------------------------------------
+
+    def handle_send(self, environ: dict) -> Handled:
+        fields = self.send(self._read_form(environ))
+        return "sent", fields.pop("note", ""), fields, None
+
+    def _read_form(self, environ: dict) -> dict[str, bytes]:
         content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if content_type != "application/x-www-form-urlencoded":
             raise UnsupportedMediaType(
                 f"content type {content_type or 'missing'!r}: send application/x-www-form-urlencoded"
             )
-        return self.send(parse_form(read_body(environ, self.max_body)))
+        return parse_form(read_body(environ, self.max_body))
 
     def send(self, form: Mapping[str, bytes]) -> dict:
         """Check, convert and send one message; return what to log of it, or raise HTTPError for any refusal."""
         fix_sender = flag(form, "fix_sender")
-        replay_key = self.authenticate(form, fix_sender)
+        replay_key, key = self.authenticate(form, fix_sender)
         if replay_key is None:
-            return self._send_message(form["msg"], fix_sender)
+            return self._send_message(form["msg"], fix_sender, key)
         ttl = int(form["timestamp"]) + self.replay_window - self.clock() + 1
         state = self.replay_store.claim(replay_key, ttl)
         if state == SENT:
@@ -180,15 +204,15 @@ class Mailer:
         if state == PENDING:
             raise ServiceUnavailable("the same request is being sent right now; retry shortly", retry_after=1)
         try:
-            outcome = self._send_message(form["msg"], fix_sender)
+            outcome = self._send_message(form["msg"], fix_sender, key)
         except BaseException:
             self.replay_store.release(replay_key)  # not sent: a retry must send it
             raise
         self.replay_store.mark_sent(replay_key, ttl)
         return outcome
 
-    def authenticate(self, form: Mapping[str, bytes], fix_sender: bool) -> Optional[str]:
-        """Check the request's signature (v2 when present, else v1); return the v2 replay key."""
+    def authenticate(self, form: Mapping[str, bytes], fix_sender: bool) -> tuple[Optional[str], bytes]:
+        """Check the request's signature (v2 when present, else v1); return the v2 replay key and the key used."""
         if not form.get("msg"):
             raise BadRequest("missing or empty field 'msg'")
         keys = self.keys
@@ -200,33 +224,27 @@ class Mailer:
             raise BadRequest("missing or empty field 'signature'")
         if self.require_signature_v2:
             raise BadRequest("this proxy requires signature_v2 (with timestamp); upgrade the client or turn it on")
-        check_signature(keys, form["msg"], form["signature"])
-        return None
+        return None, check_signature(keys, form["msg"], form["signature"])
 
-    def _send_message(self, msg: bytes, fix_sender: bool) -> dict:
+    def _send_message(self, msg: bytes, fix_sender: bool, key: bytes) -> dict:
         outgoing = Outgoing(parse_message(msg), self.max_recipients)
-        sender, reply_to = outgoing.sender, outgoing.reply_to
-        if sender is None:
-            if not fix_sender:
-                raise BadRequest("message has no From address (send with fix_sender to use the default sender)")
-            sender = self._default_sender_or_refuse("message has no From address")
+        sender = choose_sender(outgoing, fix_sender, self.default_sender)
+        check_sender_allowed(key, address_of(sender))
         try:
-            self._deliver(outgoing, sender, reply_to)
+            self._deliver(outgoing, sender, outgoing.reply_to)
         except UnauthorizedSender:
             if not fix_sender:
                 raise
-            fallback = self._default_sender_or_refuse(f"sender {sender!r} is not authorized")
-            self._deliver(outgoing, fallback, reply_to or sender)
-        outcome = {"recipients": outgoing.recipient_count, "attachments": len(outgoing.attachments)}
+            fallback = default_sender_or_refuse(self.default_sender, f"sender {sender!r} is not authorized")
+            check_sender_allowed(key, address_of(fallback))
+            self._deliver(outgoing, fallback, outgoing.reply_to or sender)
+        outcome: dict = {"recipients": outgoing.recipient_count, "attachments": len(outgoing.attachments)}
+        if outgoing.headers_dropped:
+            outcome["headers_dropped"] = ",".join(outgoing.headers_dropped)[:200]
         refused = relay.log_refused_recipients(outgoing.recipient_count)
         if refused:
             outcome["relay_refused"] = refused
         return outcome
-
-    def _default_sender_or_refuse(self, why: str) -> str:
-        if not self.default_sender:
-            raise BadRequest(f"{why} and the proxy has no default sender (GMAIL_DEFAULT_SENDER)")
-        return self.default_sender
 
     def _deliver(self, outgoing: Outgoing, sender: str, reply_to: Optional[str]) -> None:
         """Send through the SDK; every failure becomes the HTTPError the client gets."""
@@ -235,6 +253,38 @@ class Mailer:
             outgoing.to_email_message(sender, reply_to).send()
         except Exception as exc:
             raise http_error_for_send_failure(exc) from None
+
+    # -- POST /check: what a send would do ----------------------------------
+
+    def handle_check(self, environ: dict) -> Handled:
+        """Authenticate like a send (same 4xx for a bad signature), then report instead of sending."""
+        form = self._read_form(environ)
+        fix_sender = flag(form, "fix_sender")
+        _, key = self.authenticate(form, fix_sender)
+        report = dry_run(
+            form["msg"],
+            key=key,
+            fix_sender=fix_sender,
+            default_sender=self.default_sender,
+            max_recipients=self.max_recipients,
+            delivery=delivery_mode(),
+        )
+        fields = {"would_send": report["would_send"], "problems": len(report["problems"])}
+        return "checked", "", fields, report
+
+    # -- POST /_ah/bounce: App Engine's bounce notifications ----------------
+
+    def handle_bounce(self, environ: dict) -> Handled:
+        if not on_app_engine():
+            raise Forbidden("bounce notifications are taken only on App Engine, from App Engine itself")
+        report = bounce.report(bounce.read_notification(environ, self.max_body))
+        if not self.bounce_url:
+            return "bounce", bounce.describe(report) + " (GMAIL_BOUNCE_URL is not set: logged only)", {}, None
+        keys = self.keys
+        if not keys:
+            raise ServiceUnavailable("the proxy has no secret key to sign the bounce with (set GMAIL_SECRET_KEY)")
+        bounce.forward(report, self.bounce_url, keys[0])
+        return "bounce", f"{bounce.describe(report)} forwarded to {bounce.where(self.bounce_url)}", {}, None
 
 
 def _log_outcome(level: int, verdict: str, status: str, reason: str, **fields) -> None:
@@ -264,7 +314,7 @@ def make_app(
     return Mailer(_checked_keys(keys), default_sender, **limits)
 
 
-def _checked_keys(keys: Union[Iterable[Union[bytes, str]], bytes, str]) -> list[bytes]:
+def _checked_keys(keys: Union[Iterable[Union[bytes, str]], bytes, str]) -> list[Key]:
     if isinstance(keys, (bytes, str)):
         keys = [keys]
     checked = []
@@ -273,6 +323,8 @@ def _checked_keys(keys: Union[Iterable[Union[bytes, str]], bytes, str]) -> list[
             key = key.encode("utf-8")
         if not isinstance(key, bytes):
             raise TypeError(f"make_app: key #{number} is a {type(key).__name__}, not bytes or str")
+        if not isinstance(key, Key):
+            key = Key(key)  # may send as anyone; pass a Key to scope it to its senders
         if not key.strip():
             raise ValueError(f"make_app: key #{number} is blank: a blank key would let anyone send")
         if len(key) < MIN_KEY_LENGTH:
@@ -294,13 +346,12 @@ def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path
         # On App Engine many instances serve one proxy: only memcache is shared by all.
         replay_store=MemcacheReplayStore() if on_app_engine(environ) else InProcessReplayStore(),
         max_recipients=int(number_setting(environ, "GMAIL_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS)),
+        bounce_url=environ.get("GMAIL_BOUNCE_URL", "").strip() or None,
     )
 
 
-def _module_app():
-    """The app gunicorn and `python mailer.py` serve, wrapped for the bundled services on App Engine."""
-    logs.configure()
-    application = app_from_environment()
+def for_app_engine(application: Mailer) -> Callable:
+    """The app wrapped for the bundled services (the Mail API, memcache) when it runs on App Engine."""
     if on_app_engine():
         from google.appengine.api import wrap_wsgi_app
 
@@ -308,7 +359,9 @@ def _module_app():
     return application
 
 
-app = _module_app()
+logs.configure()
+proxy = app_from_environment()  # the Mailer itself, for its settings
+app = for_app_engine(proxy)  # what gunicorn, waitress and `python mailer.py` serve
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -316,7 +369,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = serve.build_parser(HERE).parse_args(argv)
     if args.command == "keys":
         return keys.keys_command(args)
-    application = app
+    application = proxy
     key_file = keys.default_key_file(HERE)
     if not application.keys and args.create_dev_key:
         keys.write_key_file(key_file, [keys.new_key()])
@@ -336,7 +389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         return line + ("\n" + serve.try_it_text(HERE, args.host, port, key_file) if args.create_dev_key else "")
 
-    return serve.serve(application, args.host, args.port, banner)
+    return serve.serve(for_app_engine(application), args.host, args.port, banner)
 
 
 if __name__ == "__main__":

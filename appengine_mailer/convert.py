@@ -15,7 +15,8 @@ import unicodedata
 from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
-from typing import Iterable, Optional, cast
+from functools import partial
+from typing import Callable, Iterable, Optional, TypeVar, cast
 
 from .delivery import RenderedEmailMessage
 from .errors import BadRequest, HTTPError
@@ -28,6 +29,11 @@ _TEXT_CHARSETS_TRIED = ("utf-8", "latin-1")
 _EMPTY_ADDRESS_LIST = re.compile(r"[\s,]*(?:[^:;<>@\"]*:\s*;[\s,]*)?")
 _ALLOWED_HEADERS = {name.lower(): name for name in mail.HEADER_WHITELIST}
 _BODY_FIELDS = {"text/plain": "body", "text/html": "html"}
+# Headers the conversion reads itself: they shape what is sent rather than being passed on.
+_READ_HEADERS = frozenset(
+    {"from", "to", "cc", "bcc", "reply-to", "subject", "mime-version", "content-type", "content-transfer-encoding"}
+)
+T = TypeVar("T")
 
 
 def _read_8bit(value) -> str:
@@ -147,66 +153,99 @@ def _leaf_parts(message: Message) -> Iterable[Message]:
         yield message
 
 
-def _bodies_and_attachments(message: Message) -> tuple[dict, list]:
-    bodies: dict[str, str] = {}
-    attachments: list = []
-    for part in _leaf_parts(message):
-        kind = part.get_content_type()
-        filename = part.get_filename()
-        body_field = _BODY_FIELDS.get(kind)
-        is_attachment = bool(filename) or part.get_content_disposition() == "attachment"
-        if body_field and body_field not in bodies and not is_attachment and "Content-ID" not in part:
-            bodies[body_field] = _decode_text(part)
-            continue
-        if kind == "message/rfc822" or kind.startswith("multipart/"):
-            payload = part.get_payload()
-            if isinstance(payload, list):  # an attached message: its parts as they came
-                data = b"".join(cast(Message, sub).as_bytes() for sub in payload)
-            else:
-                data = part.as_bytes()
+def _add_part(part: Message, bodies: dict[str, str], attachments: list) -> None:
+    """Add one leaf part: the first plain and HTML bodies are the message's; everything else is attached."""
+    kind = part.get_content_type()
+    filename = part.get_filename()
+    body_field = _BODY_FIELDS.get(kind)
+    is_attachment = bool(filename) or part.get_content_disposition() == "attachment"
+    if body_field and body_field not in bodies and not is_attachment and "Content-ID" not in part:
+        bodies[body_field] = _decode_text(part)
+        return
+    if kind == "message/rfc822" or kind.startswith("multipart/"):
+        payload = part.get_payload()
+        if isinstance(payload, list):  # an attached message: its parts as they came
+            data = b"".join(cast(Message, sub).as_bytes() for sub in payload)
         else:
-            data = decode_payload(part)
-        name = _attachment_name(part, filename, len(attachments))
-        content_id = header_text(part.get("Content-ID", ""))
-        if content_id:
-            if not content_id.isascii():
-                raise BadRequest(f"Content-ID {content_id!r} is not ASCII")
-            if not content_id.startswith("<"):
-                content_id = f"<{content_id}>"
-        attachments.append(mail.Attachment(name, data, content_id=content_id or None))
-    if not bodies:
-        bodies["body"] = ""
-    return bodies, attachments
+            data = part.as_bytes()
+    else:
+        data = decode_payload(part)
+    name = _attachment_name(part, filename, len(attachments))
+    content_id = header_text(part.get("Content-ID", ""))
+    if content_id:
+        if not content_id.isascii():
+            raise BadRequest(f"Content-ID {content_id!r} is not ASCII")
+        if not content_id.startswith("<"):
+            content_id = f"<{content_id}>"
+    attachment = mail.Attachment(name, data, content_id=content_id or None)
+    attachment.declared_type = kind  # what the sender called it; the Mail API labels it by its extension
+    attachments.append(attachment)
+
+
+def _passed_headers(message: Message) -> tuple[dict[str, str], list[str]]:
+    """The headers passed on to the Mail API (the first of each it accepts), and the names of the others."""
+    kept: dict[str, str] = {}
+    dropped: list[str] = []
+    for name, value in message.items():
+        allowed = _ALLOWED_HEADERS.get(name.lower())
+        if allowed and allowed not in kept:
+            kept[allowed] = header_text(value)
+        elif (allowed or name.lower() not in _READ_HEADERS) and header_text(name) not in dropped:
+            dropped.append(header_text(name))
+    return kept, dropped
 
 
 class Outgoing:
-    """What the Mail API will be asked to send, built from a parsed message."""
+    """What the Mail API will be asked to send, built from a parsed message.
 
-    def __init__(self, message: Message, max_recipients: int):
-        try:
-            senders = _addresses(message, "From")
-            self.sender: Optional[str] = senders[0] if senders else None
-            reply_to = _addresses(message, "Reply-To")
-            self.reply_to = reply_to[0] if reply_to else None
-            self.recipients = {h: _addresses(message, h) for h in ("To", "Cc", "Bcc")}
-            subject = message.get("Subject")
-            self.subject = decode_words(subject) if subject is not None else ""
-            self.headers: dict[str, str] = {}
-            for name, value in message.items():
-                allowed = _ALLOWED_HEADERS.get(name.lower())
-                if allowed and allowed not in self.headers:  # the first of each, as message[name] gives
-                    self.headers[allowed] = header_text(value)
-            self.bodies, self.attachments = _bodies_and_attachments(message)
-        except HTTPError:
-            raise
-        except (ValueError, TypeError, LookupError, IndexError, AttributeError) as exc:
-            # Hostile structure the email package could not make sense of.
-            raise BadRequest(f"msg could not be read as an email message ({type(exc).__name__})") from None
+    A send stops at the first refusal.  Given a `problems` list, the
+    conversion instead adds each refusal to it and goes on, so a dry run can
+    report every refusal a send would get.
+    """
+
+    def __init__(self, message: Message, max_recipients: int, problems: Optional[list[str]] = None):
+        self._problems = problems
+        senders = self._addresses(message, "From")
+        self.sender: Optional[str] = senders[0] if senders else None
+        reply_to = self._addresses(message, "Reply-To")
+        self.reply_to = reply_to[0] if reply_to else None
+        self.recipients = {header: self._addresses(message, header) for header in ("To", "Cc", "Bcc")}
+        subject = message.get("Subject")
+        self.subject = self._try(lambda: decode_words(subject), "") if subject is not None else ""
+        no_headers: tuple[dict[str, str], list[str]] = ({}, [])
+        self.headers, self.headers_dropped = self._try(lambda: _passed_headers(message), no_headers)
+        self.bodies: dict[str, str] = {}
+        self.attachments: list = []
+        no_parts: list[Message] = []
+        for part in self._try(lambda: list(_leaf_parts(message)), no_parts):
+            self._try(partial(_add_part, part, self.bodies, self.attachments), None)
+        if not self.bodies:
+            self.bodies["body"] = ""
         count = self.recipient_count
         if count == 0:
-            raise BadRequest("message has no recipients in To, Cc or Bcc")
+            self._refuse(BadRequest("message has no recipients in To, Cc or Bcc"))
         if count > max_recipients:
-            raise BadRequest(f"message has {count} recipients, more than the limit of {max_recipients}")
+            self._refuse(BadRequest(f"message has {count} recipients, more than the limit of {max_recipients}"))
+
+    def _addresses(self, message: Message, header: str) -> list[str]:
+        none: list[str] = []
+        return self._try(lambda: _addresses(message, header), none)
+
+    def _try(self, step: Callable[[], T], fallback: T) -> T:
+        """Run one step of the conversion; a refusal is raised, or noted and `fallback` used."""
+        try:
+            return step()
+        except HTTPError as refusal:
+            self._refuse(refusal)
+        except (ValueError, TypeError, LookupError, IndexError, AttributeError) as exc:
+            # Hostile structure the email package could not make sense of.
+            self._refuse(BadRequest(f"msg could not be read as an email message ({type(exc).__name__})"))
+        return fallback
+
+    def _refuse(self, refusal: HTTPError) -> None:
+        if self._problems is None:
+            raise refusal
+        self._problems.append(refusal.reason)
 
     @property
     def recipient_count(self) -> int:
@@ -224,3 +263,23 @@ class Outgoing:
         if self.attachments:
             fields["attachments"] = self.attachments
         return RenderedEmailMessage(**fields)
+
+
+def choose_sender(outgoing: Outgoing, fix_sender: bool, default_sender: Optional[str]) -> str:
+    """The message's From; without one, the default sender if the client asked for fix_sender."""
+    if outgoing.sender is not None:
+        return outgoing.sender
+    if not fix_sender:
+        raise BadRequest("message has no From address (send with fix_sender to use the default sender)")
+    return default_sender_or_refuse(default_sender, "message has no From address")
+
+
+def default_sender_or_refuse(default_sender: Optional[str], why: str) -> str:
+    if not default_sender:
+        raise BadRequest(f"{why} and the proxy has no default sender (GMAIL_DEFAULT_SENDER)")
+    return default_sender
+
+
+def address_of(mailbox: str) -> str:
+    """The bare address of "Name <a@b.c>"."""
+    return email.utils.parseaddr(mailbox)[1] or mailbox

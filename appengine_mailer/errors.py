@@ -35,6 +35,10 @@ class BadRequest(HTTPError):
     status = "400 Bad Request"
 
 
+class Forbidden(HTTPError):
+    status = "403 Forbidden"
+
+
 class NotFound(HTTPError):
     status = "404 Not Found"
 

@@ -11,11 +11,11 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from .settings import key_fingerprint, parse_keys
+from .settings import Key, key_fingerprint, parse_key_line, parse_keys
 
-EX_DATAERR, EX_NOINPUT = 65, 66
+EX_USAGE, EX_DATAERR, EX_NOINPUT = 64, 65, 66
 
 
 def default_key_file(root: Path) -> Path:
@@ -29,12 +29,12 @@ def new_key() -> bytes:
 
 
 def write_key_file(path: Path, keys: list[bytes]) -> None:
-    """Replace the key file atomically, readable by its owner only."""
+    """Replace the key file atomically, readable by its owner only: one key per line, then its senders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(b"".join(key + b"\n" for key in keys))
+        out.write(b"".join((key.line() if isinstance(key, Key) else key) + b"\n" for key in keys))
         out.flush()
         os.fsync(out.fileno())
     os.chmod(tmp, 0o600)
@@ -51,22 +51,38 @@ def add_keys_command(commands, root: Path) -> None:
     )
     keys.add_argument("action", choices=["new", "list", "retire"])
     keys.add_argument("fingerprint", nargs="?", help="with retire: the fingerprint shown by `keys list`")
+    keys.add_argument(
+        "--sender",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="with new: the key may send only as this address, or as any address of @DOMAIN (repeat for more; "
+        "without it the key may send as anyone)",
+    )
     keys.add_argument("--file", type=Path, default=key_file, help=f"key file (default {key_file})")
 
 
 def keys_command(args: argparse.Namespace) -> int:
     """Run `keys ACTION` on the key file; return the exit status."""
-    return manage_keys(args.action, args.file, args.fingerprint)
+    return manage_keys(args.action, args.file, args.fingerprint, args.sender)
 
 
-def manage_keys(action: str, path: Path, fingerprint: Optional[str] = None) -> int:
+def manage_keys(action: str, path: Path, fingerprint: Optional[str] = None, senders: Sequence[str] = ()) -> int:
     """`keys new|list|retire`: manage the key file so keys rotate without refusing a message."""
     keys = parse_keys(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if senders and action != "new":
+        print("mailer.py: --sender goes with `keys new`", file=sys.stderr)
+        return EX_USAGE
     if action == "new":
-        key = new_key()
+        key = parse_key_line(" ".join([new_key().decode("ascii"), *senders]))
+        if key is None:
+            print(f"mailer.py: each --sender must be an address or @domain, not {list(senders)}", file=sys.stderr)
+            return EX_USAGE
         write_key_file(path, [*keys, key])
+        scope = f"may send only as {', '.join(key.senders)}" if key.senders else "may send as anyone"
         print(
-            f"added key {key_fingerprint(key)} to {path} ({len(keys) + 1} valid); give it to clients:\n{key.decode()}"
+            f"added key {key_fingerprint(key)} to {path} ({len(keys) + 1} valid; it {scope}); give it to clients:\n"
+            f"{bytes(key).decode()}"
         )
     elif action == "list":
         if not keys:
@@ -74,7 +90,8 @@ def manage_keys(action: str, path: Path, fingerprint: Optional[str] = None) -> i
             return EX_NOINPUT
         for number, key in enumerate(keys, 1):
             newest = "  (newest)" if number == len(keys) else ""
-            print(f"{key_fingerprint(key)}  {len(key):3d} characters{newest}")
+            scope = ", ".join(key.senders) or "anyone"
+            print(f"{key_fingerprint(key)}  {len(key):3d} characters  sends as {scope}{newest}")
     elif action == "retire":
         matches = [k for k in keys if key_fingerprint(k).startswith((fingerprint or "").lower())]
         if not fingerprint or len(fingerprint) < 6 or len(matches) != 1:

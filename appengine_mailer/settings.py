@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -38,19 +39,67 @@ def _setting(name: str, environ: Mapping[str, str], search: Iterable[Path]) -> t
     return None, None
 
 
-def parse_keys(text: Optional[str]) -> list[bytes]:
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_SENDER = re.compile(rf"(?:[^@\s]+)?@{_LABEL}(?:\.{_LABEL})*")  # a@example.org, or @example.org for a domain
+
+
+class Key(bytes):
+    """A shared secret, and the senders it may send as: full addresses or @domain (none listed: anyone).
+
+    A bytes subclass, so a Key signs and compares as its secret does; its repr
+    shows only the fingerprint, so a key never lands in a log or traceback.
+    """
+
+    senders: tuple[str, ...]
+
+    def __new__(cls, secret: bytes, senders: Iterable[str] = ()) -> Key:
+        key = super().__new__(cls, secret)
+        key.senders = tuple(sender.strip().lower() for sender in senders)
+        return key
+
+    def allows(self, address: str) -> bool:
+        """Whether this key may send as `address` (compared case-insensitively)."""
+        if not self.senders:
+            return True
+        address = address.strip().lower()
+        return address in self.senders or "@" + address.rpartition("@")[2] in self.senders
+
+    def __repr__(self) -> str:
+        return f"Key({key_fingerprint(self)}, senders={list(self.senders)})"
+
+    def line(self) -> bytes:
+        """The key as a line of a key file."""
+        return b" ".join([bytes(self), *(sender.encode("ascii") for sender in self.senders)])
+
+
+def parse_key_line(line: str) -> Optional[Key]:
+    """Read "KEY [SENDER ...]"; None (and a warning) when a sender is neither an address nor @domain.
+
+    A line whose scope cannot be read is refused whole: it must never send as anyone.
+    """
+    secret, *senders = line.split()
+    key = Key(secret.encode("utf-8"), senders)
+    bad = [sender for sender in senders if not (sender.isascii() and _SENDER.fullmatch(sender))]
+    if bad:
+        log.warning("key %s is ignored: %r is neither an address nor @domain", key_fingerprint(key), bad[0])
+        return None
+    return key
+
+
+def parse_keys(text: Optional[str]) -> list[Key]:
     """Split a key file into keys: one per line, blank lines and outer whitespace ignored."""
     if not text:
         return []
-    return [line.strip().encode("utf-8") for line in text.splitlines() if line.strip()]
+    keys = (parse_key_line(line) for line in text.splitlines() if line.strip())
+    return [key for key in keys if key is not None]
 
 
 def key_fingerprint(key: bytes) -> str:
     """A short name for a key that reveals nothing of it, for listings and logs."""
-    return hashlib.sha256(key).hexdigest()[:12]
+    return hashlib.sha256(bytes(key)).hexdigest()[:12]
 
 
-def keys_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> list[bytes]:
+def keys_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> list[Key]:
     """Read the secret keys: env GMAIL_SECRET_KEY, else keys/, else the original's file names.
 
     Warns (never failing) about a key file others can read and about short keys.
@@ -107,7 +156,7 @@ class KeyFile:
                 stamp.append((info.st_mtime_ns, info.st_size, info.st_ino))
         return tuple(stamp)
 
-    def current(self) -> list[bytes]:
+    def current(self) -> list[Key]:
         """The keys valid now."""
         if self._clock() >= self._next_check:
             with self._lock:
@@ -129,7 +178,7 @@ class KeyFile:
         )
 
 
-KeySource = Union[list[bytes], KeyFile]
+KeySource = Union[list[Key], KeyFile]
 
 
 def key_source(environ: Optional[Mapping[str, str]], root: Path) -> KeySource:

@@ -12,35 +12,37 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import gmail
 
-from .errors import BadRequest
+from .errors import BadRequest, Forbidden
+from .settings import Key, key_fingerprint
 
 log = logging.getLogger("appengine_mailer")
 
 SENT, PENDING = "sent", "pending"
 
 
-def check_signature(keys: list[bytes], msg: bytes, signature: bytes) -> None:
-    """Accept a v1 request if its signature matches any configured key."""
-    _match_any(keys, lambda key: gmail.sign_v1(key, msg), signature.strip())
+def check_signature(keys: Sequence[bytes], msg: bytes, signature: bytes) -> bytes:
+    """Accept a v1 request if its signature matches any configured key; return that key."""
+    return _match_any(keys, lambda key: gmail.sign_v1(key, msg), signature.strip())
 
 
-def _match_any(keys: list[bytes], expected_for: Callable[[bytes], str], given: bytes) -> None:
-    matched = False
-    for key in keys:
-        # Every key is tried, so the time taken does not tell which one matched.
-        matched |= hmac.compare_digest(expected_for(key).encode("ascii"), given)
-    if not matched:
+def _match_any(keys: Sequence[bytes], expected_for: Callable[[bytes], str], given: bytes) -> bytes:
+    # Every key is tried, so the time taken does not tell which one matched.
+    matches = [hmac.compare_digest(expected_for(key).encode("ascii"), given) for key in keys]
+    if not any(matches):
         raise BadRequest("signature does not match the message under any configured key")
+    return keys[matches.index(True)]
 
 
-def check_signature_v2(keys: list[bytes], form: Mapping[str, bytes], fix_sender: bool, now: float, window: int) -> str:
+def check_signature_v2(
+    keys: Sequence[bytes], form: Mapping[str, bytes], fix_sender: bool, now: float, window: int
+) -> tuple[str, bytes]:
     """Accept a v2 request: signature over tag, timestamp, fix_sender and msg, within the window.
 
-    Returns the signature, which names this exact request for the replay store.
+    Returns the signature, which names this exact request for the replay store, and the key that signed it.
     """
     raw_stamp = form.get("timestamp", b"")
     if not (raw_stamp.isascii() and raw_stamp.isdigit() and len(raw_stamp) <= 12):
@@ -50,7 +52,7 @@ def check_signature_v2(keys: list[bytes], form: Mapping[str, bytes], fix_sender:
         )
     stamp = raw_stamp.decode("ascii")
     signature = form["signature_v2"].strip().lower()
-    _match_any(keys, lambda key: gmail.sign_v2(key, stamp, fix_sender, form["msg"]), signature)
+    key = _match_any(keys, lambda key: gmail.sign_v2(key, stamp, fix_sender, form["msg"]), signature)
     age = now - int(stamp)
     if age > window:
         raise BadRequest(
@@ -60,7 +62,15 @@ def check_signature_v2(keys: list[bytes], form: Mapping[str, bytes], fix_sender:
         raise BadRequest(
             f"request is from the future: signed at {stamp}, server time is {int(now)}; check the client's clock"
         )
-    return signature.decode("ascii")
+    return signature.decode("ascii"), key
+
+
+def check_sender_allowed(key: bytes, sender: str) -> None:
+    """Refuse (403) a sender outside the scope of the key that signed the request."""
+    if isinstance(key, Key) and not key.allows(sender):
+        raise Forbidden(
+            f"the key {key_fingerprint(key)} may not send as {sender!r}: it may send only as {', '.join(key.senders)}"
+        )
 
 
 # ---------------------------------------------------------------------------

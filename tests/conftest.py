@@ -155,6 +155,8 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.log_lines: list[str] = []  # standard error, and the JSON log lines on standard output
+        self._readers: list[threading.Thread] = []
         line = self.proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         if not match:
@@ -162,13 +164,13 @@ class ServerProcess:
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()!r}")
         self.url = f"http://127.0.0.1:{match.group(1)}/"
         self.banner = line
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-        self.log_lines: list[str] = []
-        self._stderr_reader = threading.Thread(target=self._collect_stderr, daemon=True)
-        self._stderr_reader.start()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            reader = threading.Thread(target=self._collect, args=(stream,), daemon=True)
+            reader.start()
+            self._readers.append(reader)
 
-    def _collect_stderr(self):
-        for line in self.proc.stderr:
+    def _collect(self, stream):
+        for line in stream:
             self.log_lines.append(line)
 
     def stop(self):
@@ -179,7 +181,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._stderr_reader.join(5)
+        for reader in self._readers:
+            reader.join(5)
 
 
 def server_env(tmp_path: Path, smtp: Optional[SMTPSink] = None, keys=(KEY,), **extra) -> dict:

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 from email.mime.image import MIMEImage
 
 import pytest
 
 django = pytest.importorskip("django")
-from django.conf import settings  # noqa: E402
-
-DJANGO_SECRET = "django-project-secret-key-used-for-signing"
-if not settings.configured:
-    warnings.simplefilter("ignore", PendingDeprecationWarning)
-    settings.configure(
-        SECRET_KEY=DJANGO_SECRET,
-        EMAIL_BACKEND="appengine_mailer.django_email_backend.GmailBackend",
-        DEFAULT_FROM_EMAIL="webmaster@example.com",
-        USE_TZ=True,
-    )
-    django.setup()
-
 from django.core import mail  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.test import override_settings  # noqa: E402
+from django_setup import DJANGO_SECRET  # noqa: E402
 
 import gmail  # noqa: E402
 from appengine_mailer.django_email_backend import GmailBackend  # noqa: E402

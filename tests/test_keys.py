@@ -18,6 +18,7 @@ from appengine_mailer.keys import write_key_file
 from appengine_mailer.settings import KeyFile, key_fingerprint, keys_from_environment
 from conftest import KEY, form, server_env
 from test_mailer import make_message
+from test_mailer_e2e import post as post_text
 
 
 def keys_cli(root: Path, *args) -> subprocess.CompletedProcess:
@@ -156,3 +157,56 @@ def test_make_app_takes_one_key_or_several_and_warns_about_short_ones(mail_stub,
     caplog.set_level(logging.WARNING)
     mailer.make_app([b"short"])
     assert f"key {key_fingerprint(b'short')} is only 5 characters long" in caplog.text
+
+
+def test_scoped_keys_through_the_real_server(deployment, start_server, smtp_sink, tmp_path):
+    shop, anyone = b"shop-key-0123456789abcdefghij", b"admin-key-0123456789abcdefghi"
+    (deployment / "keys").mkdir()
+    key_file = deployment / "keys" / "GMAIL_SECRET_KEY"
+    key_file.write_text(f"{shop.decode()}  orders@shop.example  @News.Shop.example\n{anyone.decode()}\n")
+    key_file.chmod(0o600)
+    env = server_env(tmp_path, smtp_sink, GMAIL_DEFAULT_SENDER="noreply@proxy.example")
+    del env["GMAIL_SECRET_KEY"]
+    server = start_server(env, cwd=deployment, script=deployment / "mailer.py")
+
+    def send(key, sender, **extra):
+        msg = make_message(From=sender) if sender else make_message()
+        if not sender:
+            del msg["From"]
+        return post_text(server.url, form(msg.as_bytes(), key, **extra))
+
+    assert send(shop, "Orders <ORDERS@shop.example>")[0] == 204
+    assert send(shop, "letters@news.shop.example")[0] == 204
+    status, text = send(shop, "ceo@shop.example")
+    assert status == 403
+    assert text == (
+        f"the key {key_fingerprint(shop)} may not send as 'ceo@shop.example': it may send only as "
+        "orders@shop.example, @news.shop.example\n"
+    )
+    status, text = send(shop, None, fix_sender="true")  # the default sender is outside the list too
+    assert status == 403 and "may not send as 'noreply@proxy.example'" in text
+    assert send(anyone, "ceo@shop.example")[0] == 204
+    assert [e.mail_from for e in smtp_sink.wait_for(3)] == [
+        "ORDERS@shop.example",
+        "letters@news.shop.example",
+        "ceo@shop.example",
+    ]
+    listing = keys_cli(deployment, "list").stdout
+    assert "sends as orders@shop.example, @news.shop.example" in listing and "sends as anyone" in listing
+    assert shop.decode() not in listing
+
+
+def test_keys_new_with_senders_writes_a_scoped_line(deployment):
+    result = keys_cli(deployment, "new", "--sender", "a@x.org", "--sender", "@Y.org")
+    assert result.returncode == 0 and "it may send only as a@x.org, @y.org" in result.stdout
+    [line] = (deployment / "keys" / "GMAIL_SECRET_KEY").read_text().splitlines()
+    assert line.split()[1:] == ["a@x.org", "@y.org"]
+    bad = keys_cli(deployment, "new", "--sender", "not-an-address")
+    assert bad.returncode == 64 and "must be an address or @domain" in bad.stderr
+
+
+def test_a_key_line_with_a_junk_sender_is_refused_whole(tmp_path, caplog):
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "GMAIL_SECRET_KEY").write_text(f"{KEY.decode()} a@x.org junk\n")
+    assert keys_from_environment({}, root=tmp_path) == []
+    assert "is neither an address nor @domain" in caplog.text and KEY.decode() not in caplog.text
