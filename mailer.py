@@ -82,6 +82,7 @@ __version__ = gmail.__version__
 log = logging.getLogger("appengine_mailer")
 
 HERE = Path(__file__).resolve().parent  # the deployment: keys/ and outbox/ live beside this file
+MAX_REASON = 1000  # characters of a refusal's reason sent back (one may quote a long file name)
 # What a route's handler returns: the log verdict, a note, fields to log, and a JSON report (None: 204).
 Handled = tuple[str, str, dict, Optional[dict]]
 
@@ -124,7 +125,8 @@ class Mailer:
     def __call__(self, environ: dict, start_response: Callable):
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
-        size = environ.get("CONTENT_LENGTH") or "0"
+        length = environ.get("CONTENT_LENGTH", "")
+        size = int(length) if length.isascii() and length.isdigit() else None
         try:
             handler = self._routes.get(path)
             if handler is None:
@@ -132,13 +134,20 @@ class Mailer:
             if method in ("GET", "HEAD") and path == "/":
                 return self._respond(start_response, "200 OK", self.health(), "application/json", method)
             if method != "POST":
-                raise MethodNotAllowed(f"method {method} is not allowed: POST to {path}")
+                raise MethodNotAllowed(f"method {method[:20]!r} is not allowed: POST to {path}")
             verdict, note, fields, report = handler(environ)
         except HTTPError as err:
-            verdict = "failed" if err.status.startswith("5") else "refused"
-            _log_outcome(logging.INFO, verdict, err.status, err.reason, size=size)
+            failed = err.status.startswith("5")
+            _log_outcome(
+                logging.WARNING if failed else logging.INFO,
+                "failed" if failed else "refused",
+                err.status,
+                err.reason,
+                size=size,
+            )
+            reason = err.reason if len(err.reason) <= MAX_REASON else err.reason[: MAX_REASON - 1] + "…"
             return self._respond(
-                start_response, err.status, err.reason + "\n", "text/plain; charset=utf-8", method, err.headers
+                start_response, err.status, reason + "\n", "text/plain; charset=utf-8", method, err.headers
             )
         except Exception as exc:  # a bug: answer without a traceback, whose text could quote the message
             frame = traceback.extract_tb(exc.__traceback__)[-1]
@@ -290,6 +299,7 @@ class Mailer:
 def _log_outcome(level: int, verdict: str, status: str, reason: str, **fields) -> None:
     """One line per request: sent, refused (the client's fault) or failed (ours), with sizes and counts only."""
     code = status.split()[0]
+    reason = logs.printable(reason)
     details = " ".join(f"{name}={value}" for name, value in fields.items())
     log.log(
         level,
@@ -325,13 +335,15 @@ def _checked_keys(keys: Union[Iterable[Union[bytes, str]], bytes, str]) -> list[
             raise TypeError(f"make_app: key #{number} is a {type(key).__name__}, not bytes or str")
         if not isinstance(key, Key):
             key = Key(key)  # may send as anyone; pass a Key to scope it to its senders
-        if not key.strip():
+        if not key.decode("utf-8", "replace").strip():  # str.strip() knows Unicode spaces such as U+00A0
             raise ValueError(f"make_app: key #{number} is blank: a blank key would let anyone send")
         if len(key) < MIN_KEY_LENGTH:
             log.warning(
                 "key %s is only %d characters long: use `python mailer.py keys new`", key_fingerprint(key), len(key)
             )
         checked.append(key)
+    if not checked:
+        log.warning("make_app: no key given: every request will be refused (503)")
     return checked
 
 
@@ -345,7 +357,7 @@ def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path
         require_signature_v2=flag_setting(environ, "GMAIL_REQUIRE_SIGNATURE_V2"),
         # On App Engine many instances serve one proxy: only memcache is shared by all.
         replay_store=MemcacheReplayStore() if on_app_engine(environ) else InProcessReplayStore(),
-        max_recipients=int(number_setting(environ, "GMAIL_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS)),
+        max_recipients=int(number_setting(environ, "GMAIL_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS, whole=True)),
         bounce_url=environ.get("GMAIL_BOUNCE_URL", "").strip() or None,
     )
 

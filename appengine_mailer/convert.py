@@ -8,6 +8,7 @@ package cannot make sense of is the client's 400, never a 500.
 
 from __future__ import annotations
 
+import binascii
 import email.utils
 import mimetypes
 import re
@@ -24,7 +25,6 @@ from .fastparse import decode_payload, simple_addresses
 from .sdk import mail
 
 _ADDR_SPEC = re.compile(r"[!-~]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?\.?")
-_TEXT_CHARSETS_TRIED = ("utf-8", "latin-1")
 # Blank, only commas, or an empty group such as "undisclosed-recipients:;".
 _EMPTY_ADDRESS_LIST = re.compile(r"[\s,]*(?:[^:;<>@\"]*:\s*;[\s,]*)?")
 _ALLOWED_HEADERS = {name.lower(): name for name in mail.HEADER_WHITELIST}
@@ -71,16 +71,48 @@ def _decoded_words(text: str) -> str:
         return text
 
 
-def decode_words(text: str) -> str:
-    """Decode RFC 2047 encoded words in a display name or subject, on one line."""
-    return header_text(_decoded_words(header_text(text)))
+_ENCODED_WORD = re.compile(r"=\?([^?\s]*)\?([QqBb])\?([^?\s]*)\?=")
+_BETWEEN_WORDS = re.compile(r"(?<=\?=)[ \t]+(?==\?)")
+
+
+def _leniently_decoded_words(text: str) -> str:
+    """Decode encoded words as lenient mail clients do: an unknown charset read as latin-1, "*lang" ignored.
+
+    The stdlib's strict decoding gives up on such words and leaves them as they
+    came, but the recipient's client may still show "=?x-bogus?q?evil.exe?=" as
+    "evil.exe"; a file name is judged by what the recipient will see.
+    """
+
+    def decode(word: re.Match) -> str:
+        charset, encoding, payload = word[1].partition("*")[0], word[2].upper(), word[3]
+        try:
+            if encoding == "Q":
+                data = binascii.a2b_qp(payload.replace("_", " ").encode("latin-1", "replace"), header=True)
+            else:
+                data = binascii.a2b_base64(payload.encode("latin-1", "replace") + b"==")
+        except (binascii.Error, ValueError):
+            return word[0]
+        try:
+            return data.decode(charset or "latin-1", "replace")
+        except LookupError:
+            return data.decode("latin-1")
+
+    return _ENCODED_WORD.sub(decode, _BETWEEN_WORDS.sub("", text))
+
+
+def decode_words(text: str, what: str = "a header") -> str:
+    """Decode RFC 2047 encoded words in a display name or subject, on one line; refuse control characters."""
+    decoded = _decoded_words(header_text(text))
+    if any(_is_control(c) for c in decoded):
+        raise BadRequest(f"{what} holds control characters: {decoded!r}"[:300])
+    return header_text(decoded)
 
 
 def _format_address(name: str, spec: str, header: str) -> str:
     """Render one address as ASCII, the display name RFC 2047 encoded if needed."""
     if not _ADDR_SPEC.fullmatch(spec) or spec.count("@") != 1:
         raise BadRequest(f"{header} address {header_text(spec)!r} is not a valid email address")
-    return email.utils.formataddr((decode_words(name), spec), charset="utf-8")
+    return email.utils.formataddr((decode_words(name, f"a {header} display name"), spec), charset="utf-8")
 
 
 def _addresses(message: Message, header: str) -> list[str]:
@@ -101,15 +133,17 @@ def _decode_text(part: Message) -> str:
     charset = part.get_content_charset()
     if charset and charset not in ("us-ascii", "ascii"):
         try:
-            return data.decode(charset, "replace")
+            text = data.decode(charset, "replace")
         except LookupError:
             raise BadRequest(f"unknown charset {charset!r} in a {part.get_content_type()} part") from None
-    for name in _TEXT_CHARSETS_TRIED:
+    else:
         try:
-            return data.decode(name)
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
-            continue
-    raise AssertionError("latin-1 decodes any bytes")
+            text = data.decode("latin-1")  # decodes any bytes
+    if "\x00" in text:  # an SMTP server may cut the message there
+        raise BadRequest(f"a {part.get_content_type()} part holds a NUL character; send binary data as an attachment")
+    return text
 
 
 # Invisible characters that reorder what a reader sees ("evil\u202etxt.exe" shows as "evilexe.txt").
@@ -125,23 +159,33 @@ def _attachment_name(part: Message, name: Optional[str], index: int) -> str:
     """The part's file name as the recipient's system will see it, else one made from its content type.
 
     get_filename() has already joined and decoded the RFC 2231 form; RFC 2047
-    words are decoded here.  A name with control characters is refused (a NUL
-    ends the name early on many systems, so "evil.exe\0.txt" is "evil.exe");
-    trailing dots and spaces are dropped, as Windows drops them, before the
-    extension is checked.
+    words are decoded here, leniently where the stdlib gives up, as clients do.
+    A name with control characters is refused (a NUL ends the name early on many
+    systems, so "evil.exe\0.txt" is "evil.exe"); trailing dots and spaces are
+    dropped, as Windows drops them, before the extension is checked.
     """
     if name:
         shown = _decoded_words(_read_8bit(name).replace("\r", "").replace("\n", ""))  # unfolded, then decoded
+        if _ENCODED_WORD.search(shown):
+            shown = _leniently_decoded_words(shown)
         if any(_is_control(c) for c in shown):
-            raise BadRequest(f"attachment name {shown!r} holds control characters")
+            raise BadRequest(f"attachment name {shown[:200]!r} holds control characters")
         name = " ".join(shown.split()).rstrip(". ")
     if not name:
         extension = mimetypes.guess_extension(part.get_content_type()) or ".bin"
         name = "attachment" + extension if index == 0 else f"attachment-{index}{extension}"
     extension = name.rpartition(".")[2].lower() if "." in name else ""
     if extension in mail.EXTENSION_BLACKLIST:
-        raise BadRequest(f"attachments of type .{extension} are forbidden by the Mail API ({name!r})")
+        raise BadRequest(f"attachments of type .{extension} are forbidden by the Mail API ({name[:200]!r})")
     return name
+
+
+def _check_names_inside(attached: Message) -> None:
+    """Refuse an attached message holding a forbidden attachment: it is one click away for the recipient."""
+    for inner in attached.walk():
+        filename = inner.get_filename() if inner is not attached else None
+        if filename:
+            _attachment_name(inner, filename, 0)
 
 
 def _leaf_parts(message: Message) -> Iterable[Message]:
@@ -163,6 +207,7 @@ def _add_part(part: Message, bodies: dict[str, str], attachments: list) -> None:
         bodies[body_field] = _decode_text(part)
         return
     if kind == "message/rfc822" or kind.startswith("multipart/"):
+        _check_names_inside(part)
         payload = part.get_payload()
         if isinstance(payload, list):  # an attached message: its parts as they came
             data = b"".join(cast(Message, sub).as_bytes() for sub in payload)
@@ -189,6 +234,8 @@ def _passed_headers(message: Message) -> tuple[dict[str, str], list[str]]:
     for name, value in message.items():
         allowed = _ALLOWED_HEADERS.get(name.lower())
         if allowed and allowed not in kept:
+            if any(_is_control(c) for c in _read_8bit(value).replace("\r", "").replace("\n", "")):
+                raise BadRequest(f"header {allowed} holds control characters")
             kept[allowed] = header_text(value)
         elif (allowed or name.lower() not in _READ_HEADERS) and header_text(name) not in dropped:
             dropped.append(header_text(name))
@@ -211,7 +258,7 @@ class Outgoing:
         self.reply_to = reply_to[0] if reply_to else None
         self.recipients = {header: self._addresses(message, header) for header in ("To", "Cc", "Bcc")}
         subject = message.get("Subject")
-        self.subject = self._try(lambda: decode_words(subject), "") if subject is not None else ""
+        self.subject = self._try(lambda: decode_words(subject, "the Subject"), "") if subject is not None else ""
         no_headers: tuple[dict[str, str], list[str]] = ({}, [])
         self.headers, self.headers_dropped = self._try(lambda: _passed_headers(message), no_headers)
         self.bodies: dict[str, str] = {}

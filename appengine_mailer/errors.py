@@ -9,6 +9,7 @@ rely on that split, so it is decided here and nowhere else.
 from __future__ import annotations
 
 import os
+import re
 import smtplib
 import ssl
 from typing import Iterable, Optional
@@ -125,12 +126,23 @@ def _smtp_failure(cause: Optional[BaseException]) -> Optional[HTTPError]:
     if not (smtp_mode() and isinstance(cause, OSError)):  # smtplib's errors are OSErrors too
         return None
     at = relay.address(os.environ)
+    refusals = _refusals(cause)
+    if refusals and any(_wants_login(code, text) for code, text in refusals):
+        return ServiceUnavailable(
+            f"the SMTP relay at {at} wants the proxy to log in or is not letting it relay "
+            f"({'; '.join(sorted({_reply(code, text) for code, text in refusals}))}): set APPENGINE_SMTP_USER "
+            f"and APPENGINE_SMTP_PASSWORD, or allow the proxy in the relay's settings"
+        )
     if isinstance(cause, smtplib.SMTPRecipientsRefused):
         replies = [_reply(code, text) for code, text in cause.recipients.values()]
         if all(code >= 500 for code, _ in cause.recipients.values()):
             return BadRequest(f"the SMTP relay at {at} refused every recipient: {'; '.join(sorted(set(replies)))}")
         return ServiceUnavailable(
             f"the SMTP relay at {at} deferred the recipients: {'; '.join(sorted(set(replies)))}; retry later"
+        )
+    if isinstance(cause, smtplib.SMTPSenderRefused) and cause.smtp_code == 552:
+        return BadRequest(
+            f"the SMTP relay at {at} refused the message's size: {_reply(cause.smtp_code, cause.smtp_error)}"
         )
     if isinstance(cause, smtplib.SMTPSenderRefused) and cause.smtp_code >= 500:
         return UnauthorizedSender(
@@ -145,6 +157,11 @@ def _smtp_failure(cause: Optional[BaseException]) -> Optional[HTTPError]:
         )
     if isinstance(cause, smtplib.SMTPNotSupportedError) and "STARTTLS" in str(cause).upper():
         return ServiceUnavailable(f"the SMTP server at {at} does not offer STARTTLS; set APPENGINE_SMTP_USE_TLS=false")
+    if isinstance(cause, smtplib.SMTPNotSupportedError) and "AUTH" in str(cause).upper():
+        return ServiceUnavailable(
+            f"the SMTP relay at {at} does not offer AUTH: unset APPENGINE_SMTP_USER and APPENGINE_SMTP_PASSWORD, "
+            f"or keep APPENGINE_SMTP_USE_TLS=true (many relays offer AUTH only after STARTTLS)"
+        )
     if isinstance(cause, smtplib.SMTPResponseException):
         return ServiceUnavailable(
             f"the SMTP relay at {at} answered {_reply(cause.smtp_code, cause.smtp_error)}; retry later"
@@ -158,8 +175,30 @@ def _smtp_failure(cause: Optional[BaseException]) -> Optional[HTTPError]:
         return ServiceUnavailable(
             f"the SMTP relay at {at} did not answer within {relay.RelaySMTP.timeout_seconds:g} s; retry later"
         )
+    if isinstance(cause, smtplib.SMTPServerDisconnected) and "timed out" in str(cause):
+        return ServiceUnavailable(
+            f"the SMTP relay at {at} did not answer within {relay.RelaySMTP.timeout_seconds:g} s; retry later"
+        )
     if isinstance(cause, smtplib.SMTPServerDisconnected):
         return ServiceUnavailable(f"the SMTP relay at {at} closed the connection ({cause}); retry later")
     if isinstance(cause, OSError):
         return ServiceUnavailable(f"cannot reach the SMTP relay at {at}: {cause.strerror or cause}; retry later")
     return ServiceUnavailable(f"the SMTP relay at {at} failed: {type(cause).__name__}: {cause}")
+
+
+_LOGIN_OR_RELAY = re.compile(r"auth|relay(ing)? (access )?denied|not (permitted|allowed) to relay", re.IGNORECASE)
+
+
+def _refusals(cause: BaseException) -> list[tuple[int, object]]:
+    """The relay's (code, reply) refusals of the sender or the recipients, if that is what failed."""
+    if isinstance(cause, smtplib.SMTPRecipientsRefused):
+        return list(cause.recipients.values())
+    if isinstance(cause, smtplib.SMTPSenderRefused):
+        return [(cause.smtp_code, cause.smtp_error)]
+    return []
+
+
+def _wants_login(code: int, reply) -> bool:
+    """A refusal that says the proxy must log in or may not relay: its configuration, not the message."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    return code == 530 or (code >= 500 and bool(_LOGIN_OR_RELAY.search(text)))

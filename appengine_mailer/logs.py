@@ -32,36 +32,57 @@ class CloudLoggingFormatter(logging.Formatter):
 
 
 class SdkSendLines(logging.Filter):
-    """Drop the SDK's own lines about sending, which outside App Engine say "via App Engine Mail API"
-    of mail that went to the outbox, and which the proxy's own outcome line replaces."""
+    """Drop the SDK's own lines about sending: the proxy's outcome line replaces them.
+
+    Outside App Engine they say "via App Engine Mail API" of mail that went to
+    the outbox; in SMTP mode they repeat the relay's error with every recipient
+    address, unstructured.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.pathname.endswith(_SDK_MAIL_MODULE)
 
 
+class FallbackHandler(logging.StreamHandler):
+    """Prints the app's lines to standard error only while nobody else has set up logging.
+
+    The app's logger keeps propagating, so an application or server that sets up
+    the root logger, before or after the app is imported, gets every line, once.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 def configure(environ: Optional[Mapping[str, str]] = None) -> None:
     """Make the app's lines appear, once, under whatever server runs it.
 
-    If the application has already set up logging (the root logger has a
-    handler), the lines go there.  Otherwise the app's logger gets its own
-    handler (JSON to stdout on App Engine, text to stderr elsewhere) and stops
-    propagating, so a server that sets up the root logger later (waitress
-    does) does not print each line twice.
+    On App Engine the app's logger writes JSON lines to stdout for Cloud
+    Logging, and only there.  Elsewhere its lines go wherever the application
+    or server has set up logging, else to standard error (FallbackHandler).
     """
     environ = os.environ if environ is None else environ
     logger = logging.getLogger(LOGGER_NAME)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     root = logging.getLogger()
-    if not on_app_engine(environ) and not any(isinstance(f, SdkSendLines) for f in root.filters):
+    mail_api = on_app_engine(environ) and environ.get("APPENGINE_USE_SMTP_MAIL_SERVICE") != "true"
+    if not mail_api and not any(isinstance(f, SdkSendLines) for f in root.filters):
         root.addFilter(SdkSendLines())  # the SDK logs through logging.info(), i.e. on the root logger
-    if root.handlers or logger.handlers:
+    if logger.handlers:
         return
     if on_app_engine(environ):
-        handler = logging.StreamHandler(sys.stdout)
+        handler: logging.Handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(CloudLoggingFormatter())
+        logger.propagate = False
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = FallbackHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logger.addHandler(handler)
-    logger.propagate = False
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """`text` safe for a log line: control characters escaped (no forged lines), at most `limit` characters."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return safe if len(safe) <= limit else safe[: limit - 1] + "…"

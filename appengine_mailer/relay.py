@@ -69,11 +69,13 @@ def log_refused_recipients(total: int) -> int:
     refused = take_refused()
     if refused:
         replies = sorted({" ".join(f"{code} {_text(reply)}".split()) for code, reply in refused.values()})
+        deferred = sum(1 for code, _ in refused.values() if code < 500)
         log.warning(
-            "the SMTP relay refused %d of %d recipients (%s); sent to the others",
+            "the SMTP relay refused %d of %d recipients (%s); sent to the others%s",
             len(refused),
             total,
             "; ".join(replies)[:300],
+            f"; {deferred} of the refusals were temporary (4xx), and nobody retries them" if deferred else "",
         )
     return len(refused)
 
@@ -134,10 +136,16 @@ def check_settings(environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
         return errors, warnings
     if not environ.get("APPENGINE_SMTP_HOST", "").strip():
         errors.append("APPENGINE_USE_SMTP_MAIL_SERVICE=true needs APPENGINE_SMTP_HOST (the relay's host name)")
-    port = environ.get("APPENGINE_SMTP_PORT", "").strip()
-    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+    port = environ.get("APPENGINE_SMTP_PORT")
+    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         errors.append(f"APPENGINE_SMTP_PORT must be a port number, not {port!r}")
-    tls = environ.get("APPENGINE_SMTP_USE_TLS", "true").strip().lower()
+    elif port == "465":
+        warnings.append(
+            "APPENGINE_SMTP_PORT=465 is for TLS from the first byte, which the SDK does not speak: "
+            "use the relay's port 587 (STARTTLS)"
+        )
+    # The SDK compares the lower-cased value with 'true', spaces included: " true" would mean false.
+    tls = environ.get("APPENGINE_SMTP_USE_TLS", "true").lower()
     if tls not in ("true", "false"):
         errors.append(f"APPENGINE_SMTP_USE_TLS must be true or false, not {tls!r}")
     user, password = environ.get("APPENGINE_SMTP_USER"), environ.get("APPENGINE_SMTP_PASSWORD")

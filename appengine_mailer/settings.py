@@ -8,8 +8,10 @@ and exit 78 (EX_CONFIG) rather than answering every request with an error.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import math
 import os
 import re
 import sys
@@ -35,7 +37,12 @@ def _setting(name: str, environ: Mapping[str, str], search: Iterable[Path]) -> t
     for folder in search:
         path = folder / name
         if path.is_file():
-            return path.read_text(encoding="utf-8"), path
+            try:
+                return path.read_text(encoding="utf-8"), path
+            except (OSError, UnicodeDecodeError) as exc:
+                why = getattr(exc, "strerror", None) or "not UTF-8 text"
+                log.error("cannot read %s (%s): nothing is taken from it until it can be read", path, why)
+                return None, path
     return None, None
 
 
@@ -94,9 +101,18 @@ def parse_keys(text: Optional[str]) -> list[Key]:
     return [key for key in keys if key is not None]
 
 
+@functools.lru_cache(maxsize=256)
+def _fingerprint(secret: bytes) -> str:
+    return hashlib.pbkdf2_hmac("sha256", secret, b"appengine-mailer key fingerprint", 100_000).hex()[:12]
+
+
 def key_fingerprint(key: bytes) -> str:
-    """A short name for a key that reveals nothing of it, for listings and logs."""
-    return hashlib.sha256(bytes(key)).hexdigest()[:12]
+    """A short name for a key that reveals nothing of it, for listings and logs.
+
+    A slow hash (PBKDF2, 100,000 rounds): a plain SHA-256 prefix in a log would
+    let anyone who reads the logs test guesses of a short key quickly.
+    """
+    return _fingerprint(bytes(key))
 
 
 def keys_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> list[Key]:
@@ -106,10 +122,16 @@ def keys_from_environment(environ: Optional[Mapping[str, str]], root: Path) -> l
     """
     environ = os.environ if environ is None else environ
     text, path = _setting("GMAIL_SECRET_KEY", environ, [root / "keys", root])
+    if path is not None and text is None:
+        return []  # an unreadable key file refuses every request: no older file stands in for it
     if not parse_keys(text):
         text, path = _setting("GMAIL_SECRET_KEYS", {}, [root])
     keys = parse_keys(text)
-    if path is not None and path.stat().st_mode & 0o077:
+    try:
+        shared = path is not None and path.stat().st_mode & 0o077
+    except OSError:
+        shared = False
+    if shared:
         log.warning("key file %s is readable by other users: run chmod 600 %s", path, path)
     warn_short_keys(keys)
     return keys
@@ -146,14 +168,15 @@ class KeyFile:
         self._next_check = clock() + interval
 
     def _read_stamp(self) -> tuple:
-        stamp: list[Optional[tuple[int, int, int]]] = []
+        stamp: list[Optional[tuple[int, ...]]] = []
         for path in self._paths:
             try:
                 info = path.stat()
             except OSError:
                 stamp.append(None)
             else:
-                stamp.append((info.st_mtime_ns, info.st_size, info.st_ino))
+                # ctime and mode too: a chmod that makes the file readable again changes only those.
+                stamp.append((info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino, info.st_mode))
         return tuple(stamp)
 
     def current(self) -> list[Key]:
@@ -171,7 +194,8 @@ class KeyFile:
             return
         self._stamp = stamp
         self._keys = keys_from_environment({}, self.root)
-        log.info(
+        log.log(
+            logging.INFO if self._keys else logging.WARNING,
             "keys reloaded: %d valid (%s)",
             len(self._keys),
             ", ".join(key_fingerprint(k) for k in self._keys) or "none: every request is refused",
@@ -213,14 +237,15 @@ def flag_setting(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "").strip().lower() in TRUE_WORDS
 
 
-def number_setting(environ: Mapping[str, str], name: str, default: float) -> float:
-    """A positive number from the environment; a bad one stops the server with a line saying so."""
+def number_setting(environ: Mapping[str, str], name: str, default: float, *, whole: bool = False) -> float:
+    """A positive (finite; with `whole`, whole) number from the environment; a bad one stops the server."""
     text = environ.get(name, "").strip()
     try:
         value = float(text) if text else default
     except ValueError:
         value = 0
-    if value <= 0:
-        print(f"mailer.py: {name} must be a positive number, not {text!r}", file=sys.stderr)
+    if not (math.isfinite(value) and value > 0) or (whole and value != int(value)):
+        kind = "a positive whole number" if whole else "a positive number"
+        print(f"mailer.py: {name} must be {kind}, not {text!r}", file=sys.stderr)
         raise SystemExit(EX_CONFIG)
     return value

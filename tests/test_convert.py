@@ -44,10 +44,10 @@ def test_encoded_word_with_garbage_charset_in_display_name(app, mail_stub):
     assert mail_stub.sent[0].Sender.endswith("<s@example.com>")
 
 
-def test_encoded_word_with_garbage_charset_in_file_name(app, mail_stub):
+def test_encoded_word_with_garbage_charset_in_file_name_is_read_as_clients_read_it(app, mail_stub):
     send(app, with_attachment(b'attachment; filename="=?\xc3\xa9?q?x.pdf?="'), status=204)
     [attachment] = mail_stub.sent[0].Attachment
-    assert attachment.FileName == "=?é?q?x.pdf?="
+    assert attachment.FileName == "x.pdf"
 
 
 # --------------------------------------------------------------------------- attachment names
@@ -66,6 +66,10 @@ def test_encoded_word_with_garbage_charset_in_file_name(app, mail_stub):
         (b'attachment; filename="=?utf-8?q?evil.exe=00.txt?="', "control characters"),
         (b"attachment; filename*=utf-8''evil%E2%80%AEtxt.exe", "control characters"),
         (b'attachment; filename="tab\x01.pdf"', "control characters"),
+        (b'attachment; filename="=?x-bogus?q?evil.exe?="', ".exe"),
+        (b'attachment; filename="=?utf-8*en?q?evil.exe?="', ".exe"),
+        (b'attachment; filename="=?utf-8*en?b?ZXZpbC5leGU=?="', ".exe"),
+        (b'attachment; filename="=?utf-8?q?evil.exe?= =?x-bogus?q??="', ".exe"),
     ],
 )
 def test_attachment_names_are_judged_as_the_recipient_sees_them(app, mail_stub, disposition, reason):
@@ -111,3 +115,33 @@ def test_empty_html_only_message_is_sent_with_an_empty_body(app, mail_stub):
     send(app, HEAD + b"Content-Type: text/html\r\n\r\n", status=204)
     [sent] = mail_stub.sent
     assert sent.TextBody == "" and not sent.HasField("HtmlBody")
+
+
+def test_an_attached_message_holding_an_executable_is_refused(app, mail_stub):
+    inner = (
+        b"From: a@example.com\r\nTo: b@example.com\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=I\r\n\r\n--I\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+        b'--I\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="evil.exe"'
+        b"\r\n\r\nMZ\r\n--I--\r\n"
+    )
+    res = send(app, with_attachment(b"attachment", b"message/rfc822").replace(b"data", inner), status=400)
+    assert ".exe" in res.text and mail_stub.sent == []
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (HEAD + b"Subject: =?utf-8?q?a=00b?=\r\n\r\nhi\r\n", "the Subject holds control characters"),
+        (HEAD + b"Subject: =?utf-8?q?a=1B[31mred?=\r\n\r\nhi\r\n", "the Subject holds control characters"),
+        (b"From: =?utf-8?q?x=00y?= <s@example.com>\r\nTo: r@example.com\r\n\r\nhi\r\n", "display name holds"),
+        (HEAD + b"Content-Transfer-Encoding: quoted-printable\r\n\r\nhi=00there\r\n", "NUL character"),
+        (
+            HEAD + b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\naGkAdGhlcmU=\r\n",
+            "NUL character",
+        ),
+        (HEAD + b"Auto-Submitted: \x01\x7f\r\n\r\nhi\r\n", "header Auto-Submitted holds control characters"),
+    ],
+)
+def test_nul_and_control_characters_after_decoding_never_reach_the_mail(app, mail_stub, raw, reason):
+    assert reason in send(app, raw, status=400).text
+    assert mail_stub.sent == []

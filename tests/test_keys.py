@@ -15,7 +15,7 @@ import webtest
 
 import mailer
 from appengine_mailer.keys import write_key_file
-from appengine_mailer.settings import KeyFile, key_fingerprint, keys_from_environment
+from appengine_mailer.settings import Key, KeyFile, key_fingerprint, keys_from_environment
 from conftest import KEY, form, server_env
 from test_mailer import make_message
 from test_mailer_e2e import post as post_text
@@ -143,7 +143,7 @@ def test_key_file_is_only_looked_at_every_few_seconds(tmp_path):
     assert keys.current() == []  # every key retired: every request refused
 
 
-@pytest.mark.parametrize("keys", [[b""], [b"   "], ["\t"], [KEY, b" \n"]])
+@pytest.mark.parametrize("keys", [[b""], [b"   "], ["\t"], [KEY, b" \n"], ["\u00a0"]])
 def test_make_app_refuses_blank_keys(keys):
     with pytest.raises(ValueError, match="blank"):
         mailer.make_app(keys)
@@ -210,3 +210,26 @@ def test_a_key_line_with_a_junk_sender_is_refused_whole(tmp_path, caplog):
     (tmp_path / "keys" / "GMAIL_SECRET_KEY").write_text(f"{KEY.decode()} a@x.org junk\n")
     assert keys_from_environment({}, root=tmp_path) == []
     assert "is neither an address nor @domain" in caplog.text and KEY.decode() not in caplog.text
+
+
+def test_an_unreadable_key_file_refuses_every_request_until_it_is_fixed(tmp_path, caplog):
+    now = [0.0]
+    key_file = tmp_path / "keys" / "GMAIL_SECRET_KEY"
+    write_key_file(key_file, [KEY])
+    (tmp_path / "GMAIL_SECRET_KEYS").write_text("old-key-in-the-original-place-0123\n")
+    keys = KeyFile(tmp_path, interval=1.0, clock=lambda: now[0])
+    assert keys.current() == [KEY]
+    key_file.write_bytes(b"\xff\xfe not utf-8\n")
+    now[0] = 1.5
+    assert keys.current() == []  # neither the old key nor the older file stands in for it
+    assert "cannot read" in caplog.text and "not UTF-8 text" in caplog.text
+    write_key_file(key_file, [KEY])
+    now[0] = 3.0
+    assert keys.current() == [KEY]
+
+
+def test_fingerprints_are_slow_to_test_guesses_against(caplog):
+    import hashlib
+
+    assert key_fingerprint(b"short") != hashlib.sha256(b"short").hexdigest()[:12]
+    assert key_fingerprint(b"short") == key_fingerprint(Key(b"short", ["@x.org"]))

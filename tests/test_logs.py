@@ -152,3 +152,58 @@ def test_cloud_logging_formatter_makes_one_json_object_per_line():
         "outcome": "sent",
         "status": 204,
     }
+
+
+def call(app, **environ) -> tuple[str, bytes]:
+    """Call the WSGI app with a hand-made environ, as a lax server would pass it on."""
+    import io
+
+    answer = {}
+    base = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/",
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "wsgi.input": io.BytesIO(b""),
+    }
+    body = b"".join(app({**base, **environ}, lambda status, headers: answer.setdefault("status", status)))
+    return answer["status"], body
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"CONTENT_LENGTH": "5\n 2026-11-26 INFO appengine_mailer: sent: 204 forged"},
+        {"REQUEST_METHOD": "X\x1b[2J\x1b[1;31mFAKE\x07\nsent: 204 forged"},
+    ],
+)
+def test_a_client_cannot_forge_log_lines(mail_stub, caplog, environ):
+    caplog.set_level(logging.INFO, logger=logs.LOGGER_NAME)
+    status, _ = call(mailer.make_app([KEY]), **environ)
+    assert status.startswith(("400", "405"))
+    [record] = [r for r in caplog.records if r.name == logs.LOGGER_NAME]
+    line = logs.TEXT_FORMAT % {"asctime": "t", "levelname": "INFO", "name": record.name, "message": record.getMessage()}
+    assert "\n" not in line and "\x1b" not in line
+
+
+def test_a_long_reason_is_cut_in_the_answer_and_the_log(mail_stub, caplog):
+    caplog.set_level(logging.INFO, logger=logs.LOGGER_NAME)
+    name = "a" * 100_000 + ".exe"
+    msg = make_message()
+    msg.add_attachment(b"MZ", "application", "octet-stream", filename=name)
+    res = webtest.TestApp(mailer.make_app([KEY])).post(
+        "/", form(msg.as_bytes()), content_type="application/x-www-form-urlencoded", status=400
+    )
+    assert ".exe" in res.text and len(res.text) <= 1001
+    assert all(len(r.getMessage()) < 1000 for r in caplog.records)
+
+
+def test_failures_are_warnings_so_severity_filters_see_them(mail_stub, caplog):
+    from google.appengine.runtime import apiproxy_errors
+
+    caplog.set_level(logging.INFO, logger=logs.LOGGER_NAME)
+    mail_stub.fail_with = apiproxy_errors.DeadlineExceededError("slow")
+    webtest.TestApp(mailer.make_app([KEY])).post(
+        "/", form(secret_message()), content_type="application/x-www-form-urlencoded", status=503
+    )
+    [record] = [r for r in caplog.records if r.name == logs.LOGGER_NAME]
+    assert record.levelname == "WARNING" and record.fields["size"] == len(form(secret_message()))

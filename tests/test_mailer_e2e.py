@@ -173,7 +173,16 @@ def test_no_key_exits_with_instructions(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, value", [("GMAIL_MAX_RECIPIENTS", "lots"), ("GMAIL_MAX_RECIPIENTS", "-1"), ("GMAIL_SMTP_TIMEOUT", "soon")]
+    "name, value",
+    [
+        ("GMAIL_MAX_RECIPIENTS", "lots"),
+        ("GMAIL_MAX_RECIPIENTS", "-1"),
+        ("GMAIL_MAX_RECIPIENTS", "0.5"),
+        ("GMAIL_MAX_RECIPIENTS", "inf"),
+        ("GMAIL_SMTP_TIMEOUT", "soon"),
+        ("GMAIL_SMTP_TIMEOUT", "nan"),
+        ("GMAIL_SMTP_TIMEOUT", "inf"),
+    ],
 )
 def test_bad_number_setting_stops_with_one_line(tmp_path, smtp_sink, name, value):
     import subprocess
@@ -185,7 +194,5 @@ def test_bad_number_setting_stops_with_one_line(tmp_path, smtp_sink, name, value
     result = subprocess.run(
         [sys.executable, str(ROOT / "mailer.py"), "--port", "0"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert (
-        result.returncode == 78
-        and result.stderr.strip() == f"mailer.py: {name} must be a positive number, not {value!r}"
-    )
+    kind = "a positive whole number" if name == "GMAIL_MAX_RECIPIENTS" else "a positive number"
+    assert result.returncode == 78 and result.stderr.strip() == f"mailer.py: {name} must be {kind}, not {value!r}"

@@ -23,6 +23,10 @@ class PickyHandler:
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if address.startswith("blocked@"):
             return "550 5.7.1 sender not allowed"
+        if address.startswith("anonymous@"):
+            return "530 5.7.0 Authentication required"
+        if address.startswith("huge@"):
+            return "552 5.3.4 message size exceeds fixed limit"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -33,6 +37,8 @@ class PickyHandler:
             return "550 5.1.1 no such user"
         if local.startswith("defer"):
             return "450 4.2.0 mailbox busy"
+        if local.startswith("elsewhere"):
+            return "554 5.7.1 Relay access denied"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -117,6 +123,25 @@ def test_refused_sender_is_400_or_falls_back_to_the_default_with_fix_sender(pick
     assert envelope.message["Reply-To"] == "Blocked <blocked@example.com>"
 
 
+@pytest.mark.parametrize(
+    "headers, reply",
+    [
+        ({"From": "anonymous@example.com"}, "530 5.7.0 Authentication required"),
+        ({"To": "elsewhere@example.org"}, "554 5.7.1 Relay access denied"),
+    ],
+)
+def test_a_relay_wanting_a_login_is_the_proxys_configuration_so_503(picky, headers, reply):
+    status, text = send(picky, extra={"fix_sender": "true"}, **headers)
+    assert status == 503 and reply in text and "APPENGINE_SMTP_USER" in text
+    assert picky.sink.received == []
+
+
+def test_a_size_refusal_at_mail_from_is_400_without_trying_the_default_sender(picky):
+    status, text = send(picky, From="huge@example.com", extra={"fix_sender": "true"})
+    assert status == 400 and text.endswith("refused the message's size: 552 5.3.4 message size exceeds fixed limit\n")
+    assert picky.sink.received == []
+
+
 def test_relay_without_starttls_with_the_default_tls(start_server, tmp_path):
     sink, controller = start_sink()
     try:
@@ -189,6 +214,8 @@ def test_starttls_checks_the_relays_certificate(start_server, tmp_path, certific
         ({"APPENGINE_SMTP_HOST": ""}, ["APPENGINE_USE_SMTP_MAIL_SERVICE=true needs APPENGINE_SMTP_HOST"]),
         ({"APPENGINE_SMTP_USE_TLS": "yes"}, ["APPENGINE_SMTP_USE_TLS must be true or false, not 'yes'"]),
         ({"APPENGINE_SMTP_PORT": "smtp"}, ["APPENGINE_SMTP_PORT must be a port number, not 'smtp'"]),
+        ({"APPENGINE_SMTP_PORT": ""}, ["APPENGINE_SMTP_PORT must be a port number, not ''"]),
+        ({"APPENGINE_SMTP_USE_TLS": "true "}, ["APPENGINE_SMTP_USE_TLS must be true or false, not 'true '"]),
         (
             {"APPENGINE_SMTP_USER": "apikey", "APPENGINE_SMTP_HOST": ""},
             ["needs APPENGINE_SMTP_HOST", "APPENGINE_SMTP_USER is set but APPENGINE_SMTP_PASSWORD is not"],
