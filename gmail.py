@@ -72,6 +72,11 @@ EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
 
 SIGNATURE_V2_TAG = b"appengine-mailer-v2"
 REPLAY_WINDOW_SECONDS = 300
+# A 400 caused by the client's setup rather than by the message says so in this header, so that
+# a client can tell "fix the key, keep the mail" from "this message will never be accepted".
+ERROR_HEADER = "X-Appengine-Mailer-Error"
+BAD_SIGNATURE = "bad-signature"  # the signature matches none of the proxy's keys
+CLOCK_SKEW = "clock-skew"  # the v2 timestamp is outside the replay window: a clock is wrong
 
 
 def sign_v1(key: bytes, msg: bytes) -> str:
