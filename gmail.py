@@ -5,47 +5,55 @@ One stdlib-only file, usable by copying it anywhere with Python 3.9+:
 
 * a library: ``GmailProxy(SECRET_KEY, PROXY_URL).send_mail(message)``;
 * a ``mail(1)``-like command: ``echo body | gmail.py -s Subject you@example.com``;
-* a sendmail-like command and Exim pipe transport: ``gmail.py < message.eml``.
+* ``sendmail(8)`` and ``mailq(1)`` when installed under those names, and an Exim
+  pipe transport: ``gmail.py -i -- recipient < message.eml``.
 
 Settings come from arguments, else the environment (GMAIL_PROXY_URL,
 GMAIL_SECRET_KEY), else files of those names in /etc/envdir.  The wire protocol
-(field names and the signature) is defined here once; the server imports it.
+(field names, the signature, the size limit) is defined here once; the server
+imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import errno
 import hashlib
 import hmac
 import http.client
 import json
+import math
 import mimetypes
 import os
 import socket
 import ssl
+import stat
 import sys
 import time
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import formataddr, getaddresses
-from typing import Optional, Union
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Union
 from urllib.parse import quote_plus, urlsplit
 
 try:
     import fcntl
-except ImportError:  # not POSIX: everything but the spool's flush still works
+except ImportError:  # not POSIX: everything but the spool still works
     fcntl = None  # type: ignore[assignment]
 
 __version__ = "2.0.0"
 __all__ = [
     "ConfigurationError",
+    "ConfigurationFailure",
     "GmailProxy",
     "MessageSendingFailure",
     "RequestNotVerified",
     "Spool",
     "SpoolBusy",
+    "UnsafeSpool",
     "main",
     "sign_v1",
     "sign_v2",
@@ -54,7 +62,7 @@ __all__ = [
 
 ENVDIR = "/etc/envdir"
 DEFAULT_TIMEOUT = 30.0
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+MAX_SETTING_BYTES = 64 * 1024
 MAX_REASON_BYTES = 64 * 1024
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 5.0
@@ -74,6 +82,14 @@ EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
 
 SIGNATURE_V2_TAG = b"appengine-mailer-v2"
 REPLAY_WINDOW_SECONDS = 300
+# The proxy refuses (413) a request body over this size before reading it: App Engine's own cap.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES  # a message is never bigger than the request that carries it
+# A 400 caused by the client's setup rather than by the message says so in this header, so that
+# a client can tell "fix the key, keep the mail" from "this message will never be accepted".
+ERROR_HEADER = "X-Appengine-Mailer-Error"
+BAD_SIGNATURE = "bad-signature"  # the signature matches none of the proxy's keys
+CLOCK_SKEW = "clock-skew"  # the v2 timestamp is outside the replay window: a clock is wrong
 
 
 def sign_v1(key: bytes, msg: bytes) -> str:
@@ -170,6 +186,27 @@ def verify_request(form, keys, window: int = REPLAY_WINDOW_SECONDS, *, now: Opti
     return msg
 
 
+def largest_attachment() -> int:
+    """About how many bytes of attachments fit in one request under MAX_REQUEST_BYTES.
+
+    An attachment is base64-encoded (4 characters for 3 bytes, a line break every
+    76 characters), then urlencoded: '+' and '/' (2 of every 64 base64 characters,
+    for compressed data) and each line break take 3 bytes.  So 57 bytes of
+    attachment take 76 + 4.75 + 3 = 83.75 bytes of request: a ratio of 228/335.
+    """
+    return MAX_REQUEST_BYTES * 228 // 335
+
+
+def _too_large(size: int, exact: bool = True) -> str:
+    """The line that refuses a request of `size` bytes (or more), with the limit and what fits."""
+    at_least = "" if exact else "at least "
+    return (
+        f"message too large: its request would be {at_least}{size} bytes, over the proxy's limit of "
+        f"{MAX_REQUEST_BYTES} bytes ({MAX_REQUEST_BYTES >> 20} MiB); attachments of up to about "
+        f"{largest_attachment() >> 20} MiB in all fit"
+    )
+
+
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
@@ -184,7 +221,8 @@ class MessageSendingFailure(Exception):
 
     ``status`` is the HTTP status (None when the proxy could not be reached) and
     ``reason`` the proxy's own explanation.  ``temporary`` says whether trying
-    again later may succeed.
+    again later may succeed; ``proxy_unavailable`` whether the next message would
+    fail the same way right now (a spool flush then stops instead of going on).
     """
 
     def __init__(self, message: str, status: Optional[int] = None, reason: str = ""):
@@ -196,34 +234,85 @@ class MessageSendingFailure(Exception):
     def temporary(self) -> bool:
         return self.status is None or self.status >= 500 or self.status in (408, 429)
 
+    @property
+    def proxy_unavailable(self) -> bool:
+        # Unreachable or timed out, rate limited, or a gateway in front of the proxy with no proxy
+        # behind it; any other 5xx is about this message (it backs off alone).
+        return self.status is None or self.status in (429, 502, 503, 504)
+
+
+class ConfigurationFailure(MessageSendingFailure):
+    """The proxy refused this client's setup, not the message: a key it does not hold, a clock it
+    does not trust, or a URL that redirects.
+
+    Temporary, since fixing the setting makes the same message go through: a spool
+    keeps it, the next proxy URL is tried, and the command exits 78, which the
+    shipped Exim transport defers instead of bouncing.
+    """
+
+    @property
+    def temporary(self) -> bool:
+        return True
+
+    @property
+    def proxy_unavailable(self) -> bool:
+        return True
+
 
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
 
 
-def read_setting(name: str, value: Optional[str] = None, environ=None, envdir: str = ENVDIR) -> Optional[str]:
-    """Return value if given, else env `name`, else the file envdir/name, else None."""
+def find_setting(
+    name: str,
+    value: Optional[str] = None,
+    given_as: str = "",
+    environ: Optional[Mapping[str, str]] = None,
+    envdir: str = ENVDIR,
+) -> tuple[Optional[str], str]:
+    """Return a setting and where it came from: `value` (named `given_as`), else env `name`, else envdir/name.
+
+    The second item names what the user set, for error lines: "--url",
+    "GMAIL_PROXY_URL" or "/etc/envdir/GMAIL_PROXY_URL".
+    """
     if value:
-        return value
+        return value, given_as or name
     environ = os.environ if environ is None else environ
     if environ.get(name, "").strip():
-        return environ[name].strip()
+        return environ[name].strip(), name
+    path = os.path.join(envdir, name)
     try:
-        with open(os.path.join(envdir, name), encoding="utf-8") as f:
-            return f.read(64 * 1024).strip() or None
+        with open(path, encoding="utf-8") as f:
+            return f.read(MAX_SETTING_BYTES).strip() or None, path
     except FileNotFoundError:
-        return None
+        return None, path
     except OSError as exc:
-        raise ConfigurationError(f"cannot read {os.path.join(envdir, name)}: {exc.strerror}") from None
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{path} is not UTF-8 text") from None
 
 
-def _first_key(text: str) -> bytes:
+def read_setting(name: str, value: Optional[str] = None, environ=None, envdir: str = ENVDIR) -> Optional[str]:
+    """Return value if given, else env `name`, else the file envdir/name, else None."""
+    return find_setting(name, value, "", environ, envdir)[0]
+
+
+def _first_key(text: str, source: str) -> bytes:
     """Clients sign with the first non-blank line; the server may hold several keys."""
     for line in text.splitlines():
         if line.strip():
             return line.strip().encode("utf-8")
-    raise ConfigurationError("the secret key is empty: set GMAIL_SECRET_KEY")
+    raise ConfigurationError(f"the secret key from {source} is empty")
+
+
+def _missing_settings(missing: list[tuple[str, str, str]], envdir: str) -> ConfigurationError:
+    """One error naming every missing setting: (what, how to give it, its variable) for each."""
+    whats = " and ".join(f"no {what}" for what, _, _ in missing)
+    given = " and ".join(option for _, option, _ in missing)
+    names = " and ".join(name for _, _, name in missing)
+    files = "files" if len(missing) > 1 else "a file"
+    return ConfigurationError(f"{whats}: give {given}, or set {names} (in the environment or as {files} in {envdir})")
 
 
 def message_bytes(msg: Union[Message, bytes, bytearray, str]) -> bytes:
@@ -247,23 +336,126 @@ def message_bytes(msg: Union[Message, bytes, bytearray, str]) -> bytes:
 
 
 class Endpoint:
-    """One proxy URL, split for http.client."""
+    """One proxy URL, split for http.client; `where` is its host:port for error lines."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, source: str = "GMAIL_PROXY_URL"):
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError:
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigurationError(f"GMAIL_PROXY_URL must hold http:// or https:// URLs, not {url!r}")
+            raise ConfigurationError(f"{source} must hold http:// or https:// URLs, not {url!r}")
         self.url, self.scheme, self.host, self.port = url, parts.scheme, parts.hostname, port
         self.path = parts.path or "/"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.where = f"{host}:{port or (443 if self.scheme == 'https' else 80)}"
 
 
-def parse_proxy_urls(text: str) -> list:
+def parse_proxy_urls(text: str, source: str = "GMAIL_PROXY_URL") -> list:
     """Split GMAIL_PROXY_URL: one URL, or several separated by whitespace or commas (tried in order)."""
-    return [Endpoint(url) for url in text.replace(",", " ").split()]
+    return [Endpoint(url, source) for url in text.replace(",", " ").split()]
+
+
+class _Deadline:
+    """When the exchange under way must be over (time.monotonic()); inf when none is."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = math.inf
+
+    def left(self) -> float:
+        """Seconds left, for the next socket operation; socket.timeout once there are none."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return min(left, 1e6)
+
+
+class _BoundedSocket(socket.socket):
+    """A TCP socket whose every send and receive gets only what is left of its deadline.
+
+    A socket timeout alone bounds each wait, so a proxy that drips its answer a
+    byte at a time would hold the exchange (and a spool's lock) for ever.
+    """
+
+    __slots__ = ("deadline",)
+    deadline: _Deadline
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self.settimeout(self.deadline.left())
+        return super().recv_into(*args, **kwargs)
+
+    def recv(self, *args: Any, **kwargs: Any) -> bytes:
+        self.settimeout(self.deadline.left())
+        return super().recv(*args, **kwargs)
+
+    def sendall(self, *args: Any, **kwargs: Any) -> None:
+        self.settimeout(self.deadline.left())  # sendall's timeout bounds the whole call
+        return super().sendall(*args, **kwargs)
+
+    def send(self, *args: Any, **kwargs: Any) -> int:
+        self.settimeout(self.deadline.left())
+        return super().send(*args, **kwargs)
+
+
+class _BoundedTLSSocket(ssl.SSLSocket):
+    """The same for TLS (ssl's sendall sends through send(), a chunk at a time)."""
+
+    deadline: Optional[_Deadline] = None
+
+    def _arm(self) -> None:
+        if self.deadline is not None:
+            self.settimeout(self.deadline.left())
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self._arm()
+        return super().recv_into(*args, **kwargs)
+
+    def recv(self, *args: Any, **kwargs: Any) -> bytes:
+        self._arm()
+        return super().recv(*args, **kwargs)
+
+    def send(self, *args: Any, **kwargs: Any) -> int:
+        self._arm()
+        return super().send(*args, **kwargs)
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP connection that connects, sends and reads within `deadline` (set before each exchange)."""
+
+    def __init__(self, host: str, port: Optional[int], **kwargs: Any):
+        self.deadline = _Deadline()
+        super().__init__(host, port, **kwargs)
+
+    def connect(self) -> None:
+        self.timeout = self.deadline.left()  # connecting (and a TLS handshake) get what is left
+        super().connect()
+        if isinstance(self.sock, _BoundedTLSSocket):
+            self.sock.deadline = self.deadline
+        else:
+            plain = self.sock
+            bounded = _BoundedSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
+            bounded.deadline = self.deadline
+            self.sock = bounded
+
+
+class _TLSConnection(_Connection, http.client.HTTPSConnection):
+    """The same over TLS, with certificates verified by the default context."""
+
+    def __init__(self, host: str, port: Optional[int]):
+        context = ssl.create_default_context()
+        context.sslsocket_class = _BoundedTLSSocket
+        super().__init__(host, port, context=context)
+
+
+class _Answer(NamedTuple):
+    status: int
+    reason: str
+    retry_after: float
+    location: str
+    error: str  # the ERROR_HEADER value: what kind of refusal this is
 
 
 class GmailProxy:
@@ -272,7 +464,10 @@ class GmailProxy:
     With several proxy URLs, a temporary failure on one tries the next.  With a
     queue_dir, a message that still fails temporarily is spooled there (see
     Spool) instead of failing, and send_mail returns True: it will be sent by a
-    later flush.  `last_queued` then names its spool entry.
+    later flush.  `last_queued` then names its spool entry and `last_failure`
+    says why.  `timeout` bounds each exchange with one proxy URL, from
+    connecting to the end of its answer (a retry included).  `given_as` names
+    secret_key and proxy_url in error lines (the command line passes its options).
     """
 
     def __init__(
@@ -286,19 +481,31 @@ class GmailProxy:
         signature_v1: bool = True,
         queue_dir: Optional[str] = None,
         envdir: str = ENVDIR,
+        environ: Optional[Mapping[str, str]] = None,
+        given_as: Optional[Mapping[str, str]] = None,
     ):
         if isinstance(secret_key, bytes):
             secret_key = secret_key.decode("utf-8")
-        key = read_setting("GMAIL_SECRET_KEY", secret_key, envdir=envdir)
-        url = read_setting("GMAIL_PROXY_URL", proxy_url, envdir=envdir)
-        if not key:
-            raise ConfigurationError(f"no secret key: pass one, or set GMAIL_SECRET_KEY (env or {envdir}/)")
-        if not url:
-            raise ConfigurationError(f"no proxy URL: pass one, or set GMAIL_PROXY_URL (env or {envdir}/)")
-        self.key = _first_key(key)
-        self.endpoints = parse_proxy_urls(url)
+        labels = {"secret_key": "secret_key", "proxy_url": "proxy_url", **(given_as or {})}
+        key, self.key_source = find_setting("GMAIL_SECRET_KEY", secret_key, labels["secret_key"], environ, envdir)
+        url, self.url_source = find_setting("GMAIL_PROXY_URL", proxy_url, labels["proxy_url"], environ, envdir)
+        missing = [
+            (what, labels[option], name)
+            for what, option, name, value in (
+                ("secret key", "secret_key", "GMAIL_SECRET_KEY", key),
+                ("proxy URL", "proxy_url", "GMAIL_PROXY_URL", url),
+            )
+            if not value
+        ]
+        if missing:
+            raise _missing_settings(missing, envdir)
+        assert key is not None and url is not None
+        self.key = _first_key(key, self.key_source)
+        self.endpoints = parse_proxy_urls(url, self.url_source)
         if not self.endpoints:
-            raise ConfigurationError("GMAIL_PROXY_URL holds no URL")
+            raise ConfigurationError(f"{self.url_source} holds no URL")
+        if not timeout > 0:
+            raise ConfigurationError(f"the timeout must be a positive number of seconds, not {timeout!r}")
         self.url = self.endpoints[0].url
         self.fix_sender = fix_sender
         self.fail_silently = fail_silently
@@ -306,20 +513,19 @@ class GmailProxy:
         self.signature_v1 = signature_v1
         self.spool = Spool(queue_dir) if queue_dir else None
         self.last_queued: Optional[str] = None
+        self.last_failure: Optional[MessageSendingFailure] = None
         self._endpoint = self.endpoints[0]
-        self._conn: Optional[http.client.HTTPConnection] = None
+        self._conn: Optional[_Connection] = None
 
     # -- connection -------------------------------------------------------
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> _Connection:
         if self._conn is None:
             endpoint = self._endpoint
             if endpoint.scheme == "https":
-                self._conn = http.client.HTTPSConnection(
-                    endpoint.host, endpoint.port, timeout=self.timeout, context=ssl.create_default_context()
-                )
+                self._conn = _TLSConnection(endpoint.host, endpoint.port)
             else:
-                self._conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=self.timeout)
+                self._conn = _Connection(endpoint.host, endpoint.port)
         return self._conn
 
     def open(self) -> bool:
@@ -331,13 +537,15 @@ class GmailProxy:
         if self._conn is not None and self._conn.sock is not None:
             return False
         try:
-            self._connection().connect()
+            conn = self._connection()
+            conn.deadline.at = time.monotonic() + self.timeout
+            conn.connect()
         except OSError as exc:
             self.close()
             if self.fail_silently:
                 return False
             raise MessageSendingFailure(
-                f"could not reach the proxy at {self._endpoint.host}: {_describe(exc)}"
+                f"could not reach the proxy at {self._endpoint.where}: {_describe(exc)}"
             ) from exc
         return True
 
@@ -361,26 +569,18 @@ class GmailProxy:
         Raises MessageSendingFailure on any refusal or network trouble, unless the
         proxy was made with fail_silently=True, in which case it returns False.
         """
-        self.last_queued = None
+        self.last_queued, self.last_failure = None, None
         try:
             raw = message_bytes(msg)
-            if len(raw) > MAX_MESSAGE_BYTES:
-                raise MessageSendingFailure(
-                    f"message of {len(raw)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
-                    status=413,
-                    reason="too large",
-                )
+            if len(raw) > MAX_REQUEST_BYTES:  # no need to encode it to know
+                raise MessageSendingFailure(_too_large(len(raw), exact=False), status=413, reason="too large")
             try:
                 self.send_signed(encode_form(raw, self.key, self.fix_sender, signature_v1=self.signature_v1))
             except MessageSendingFailure as failure:
                 if self.spool is None or not failure.temporary:
                     raise
-                try:
-                    self.last_queued = self.spool.add(raw, self.fix_sender, str(failure))
-                except OSError as exc:  # not queued: the caller must keep the message, so fail as before
-                    raise MessageSendingFailure(
-                        f"{failure}; and it could not be queued in {self.spool.path}: {exc.strerror}"
-                    ) from exc
+                self.last_queued = _queue_or_fail(self.spool, raw, self.fix_sender, failure)
+                self.last_failure = failure
             return True
         except MessageSendingFailure:
             if self.fail_silently:
@@ -390,9 +590,12 @@ class GmailProxy:
     def send_signed(self, body: bytes) -> None:
         """POST a signed form body, trying each proxy URL in turn while failures are temporary.
 
-        The URL that last worked is tried first next time.
+        The URL that last worked is tried first next time.  A body over the
+        proxy's limit is refused here, before anything is sent.
         """
-        failure: Optional[MessageSendingFailure] = None
+        if len(body) > MAX_REQUEST_BYTES:
+            raise MessageSendingFailure(_too_large(len(body)), status=413, reason="too large")
+        failures: list[MessageSendingFailure] = []
         start = self.endpoints.index(self._endpoint)
         for offset in range(len(self.endpoints)):
             endpoint = self.endpoints[(start + offset) % len(self.endpoints)]
@@ -405,59 +608,130 @@ class GmailProxy:
             except MessageSendingFailure as exc:
                 if not exc.temporary:
                     raise
-                failure = exc
-        assert failure is not None  # there is always at least one endpoint
-        raise failure
+                failures.append(exc)
+        # Every URL failed: a setup problem is what the user can act on, so it wins.
+        raise next((f for f in failures if isinstance(f, ConfigurationFailure)), failures[-1])
 
     def _post(self, body: bytes) -> None:
-        """POST the signed body; retry it once, unchanged, on a dropped connection or a 503.
+        """POST the signed body to the current URL within one `timeout`; retry it once, unchanged,
+        on a dropped connection or a 503 while time is left.
 
         Resending the same signed request is safe: a v2 server answers a repeat
         of a request it already sent with 204 and does not send it again.
         """
+        where = self._endpoint.where
+        deadline = time.monotonic() + self.timeout
         for attempt in (1, 2):
             try:
-                status, reason, retry_after = self._exchange(body)
+                answer = self._exchange(body, deadline)
             except DROPPED_CONNECTION as exc:
                 self.close()
-                if attempt == 1:
+                if attempt == 1 and time.monotonic() < deadline:
                     continue
+                raise MessageSendingFailure(f"the proxy at {where} dropped the connection: {_describe(exc)}") from exc
+            except socket.timeout as exc:
+                self.close()
                 raise MessageSendingFailure(
-                    f"the proxy at {self._endpoint.host} dropped the connection: {_describe(exc)}"
+                    f"the proxy at {where} timed out: no complete answer within {self.timeout:g} s"
                 ) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                raise MessageSendingFailure(
-                    f"could not reach the proxy at {self._endpoint.host}: {_describe(exc)}"
-                ) from exc
-            if 200 <= status < 300:
+                raise MessageSendingFailure(f"could not reach the proxy at {where}: {_describe(exc)}") from exc
+            if 200 <= answer.status < 300:
                 return
-            if status == 503 and attempt == 1:
-                time.sleep(min(retry_after, MAX_RETRY_AFTER_SECONDS))
-                continue
-            raise MessageSendingFailure(
-                f"the proxy refused the message: {status} {reason}".rstrip(), status=status, reason=reason
-            )
+            if answer.status == 503 and attempt == 1:
+                pause = min(answer.retry_after, MAX_RETRY_AFTER_SECONDS)
+                if time.monotonic() + pause < deadline:
+                    time.sleep(pause)
+                    continue
+            raise self._failure(answer)
 
-    def _exchange(self, body: bytes) -> tuple[int, str, float]:
+    def _exchange(self, body: bytes, deadline: float) -> _Answer:
         conn = self._connection()
-        conn.request("POST", self._endpoint.path, body, REQUEST_HEADERS)
-        response = conn.getresponse()
+        conn.deadline.at = deadline
+        try:
+            conn.request("POST", self._endpoint.path, body, REQUEST_HEADERS)
+        except DROPPED_CONNECTION:
+            # A proxy may refuse a body from its Content-Length (413) and close before taking it
+            # all: its answer is then waiting to be read, and it is what the user must see.
+            try:
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                response = None
+            if response is None:
+                raise
+            response.will_close = True
+        else:
+            response = conn.getresponse()
         text = response.read(MAX_REASON_BYTES + 1)
         if len(text) > MAX_REASON_BYTES or response.will_close:
             self.close()
         if 200 <= response.status < 300:
-            return response.status, "", 0.0
-        reason = " ".join(text[:MAX_REASON_BYTES].decode("utf-8", "replace").split())[:500]
-        return response.status, reason, _retry_after(response.getheader("Retry-After"))
+            return _Answer(response.status, "", 0.0, "", "")
+        return _Answer(
+            response.status,
+            _one_line(text[:MAX_REASON_BYTES].decode("utf-8", "replace"), 500),
+            _retry_after(response.getheader("Retry-After")),
+            _one_line(response.getheader("Location") or "", 300),
+            _one_line(response.getheader(ERROR_HEADER) or "", 40).lower(),
+        )
+
+    def _failure(self, answer: _Answer) -> MessageSendingFailure:
+        """Say what a refusal means, and whether it is the message's fault or the setup's."""
+        where, status, reason = self._endpoint.where, answer.status, answer.reason
+        said = f"{status} {reason}".rstrip()
+        if 300 <= status < 400:
+            target = repr(answer.location) if answer.location else "an address it does not give"
+            return ConfigurationFailure(
+                f"the proxy at {where} redirects to {target} ({said}): set {self.url_source} to the URL to use",
+                status,
+                reason,
+            )
+        if answer.error == BAD_SIGNATURE:
+            return ConfigurationFailure(
+                f"the proxy at {where} does not hold the secret key from {self.key_source} ({said})", status, reason
+            )
+        if answer.error == CLOCK_SKEW:
+            return ConfigurationFailure(
+                f"the proxy at {where} does not trust this machine's clock ({said})", status, reason
+            )
+        if status == 413:
+            return MessageSendingFailure(
+                f"the proxy at {where} refused the message as too large ({said}); attachments of up to about "
+                f"{largest_attachment() >> 20} MiB in all fit its usual {MAX_REQUEST_BYTES >> 20} MiB limit",
+                status,
+                reason,
+            )
+        return MessageSendingFailure(f"the proxy at {where} refused the message: {said}", status, reason)
+
+
+def _queue_or_fail(spool: Spool, raw: bytes, fix_sender: bool, failure: Exception) -> str:
+    """Spool a message that could not be sent; return its entry name.
+
+    If it cannot be queued either, the caller must keep the message: raise the
+    original kind of failure, saying both things.
+    """
+    try:
+        return spool.add(raw, fix_sender, str(failure))
+    except OSError as exc:
+        text = f"{failure}; and it could not be queued in {spool.path}: {_describe(exc)}"
+        if isinstance(failure, MessageSendingFailure):
+            raise type(failure)(text, failure.status, failure.reason) from exc
+        raise ConfigurationError(text) from exc
+
+
+def _one_line(text: str, limit: int) -> str:
+    """Text from the network as one printable line of at most `limit` characters."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text[: limit * 4]).split())[:limit]
 
 
 def _retry_after(value: Optional[str]) -> float:
     """Seconds from a Retry-After header (a number; an HTTP date counts as the default)."""
     try:
-        return max(0.0, float(value)) if value else DEFAULT_RETRY_AFTER_SECONDS
+        seconds = float(value) if value else DEFAULT_RETRY_AFTER_SECONDS
     except ValueError:
         return DEFAULT_RETRY_AFTER_SECONDS
+    return max(0.0, seconds) if math.isfinite(seconds) else DEFAULT_RETRY_AFTER_SECONDS
 
 
 def _describe(exc: BaseException) -> str:
@@ -476,200 +750,460 @@ DEFAULT_MAX_AGE_SECONDS = 5 * 24 * 3600
 # A stored signature is resent unchanged while the server still accepts it, so a
 # message whose 204 was lost is answered from the server's memory, not sent again.
 REUSE_SIGNATURE_SECONDS = REPLAY_WINDOW_SECONDS - 60
+# tmp/ holds a file only while it is written; one older than this is a crash's leftover.
+TMP_MAX_AGE_SECONDS = 3600
+MAX_META_BYTES = 64 * 1024
+MAX_ENTRY_BYTES = MAX_REQUEST_BYTES + MAX_META_BYTES
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW | _O_CLOEXEC
+# Never follow a link; never block on a pipe someone put there.
+_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+SPOOL_SUPPORTED = bool(
+    fcntl is not None and _O_NOFOLLOW and hasattr(os, "O_DIRECTORY") and os.open in os.supports_dir_fd
+)
+_META_NUMBERS = ("queued_at", "next_try")
 
 
 class SpoolBusy(Exception):
     """Another flush holds the spool's lock."""
 
 
+class UnsafeSpool(OSError):
+    """The spool's folder is not this user's alone (exit 74): others could read or plant messages."""
+
+
+class DamagedEntry(Exception):
+    """A file in the spool is not an entry gmail.py can send; the message says what is wrong."""
+
+
+class _Folders(NamedTuple):
+    """The spool's open folders: every operation is relative to them, so nothing is reached through a link."""
+
+    root: int
+    new: int
+    tmp: int
+    failed: int
+
+
 class Spool:
     """A Maildir-style queue of messages waiting for the proxy, flushed oldest first.
 
     Each entry is one file in new/: a JSON line of bookkeeping (queued time,
-    attempts, next try, last error, and the signed fields of the last attempt),
-    then the message.  Files are written to tmp/, fsynced and renamed, so a crash
-    never leaves half an entry; an entry is deleted only after the proxy accepted
-    it.  Refused or expired messages move to failed/ with a .reason file.  No
-    secret key is ever written here; file names come from the time and pid.
+    size, attempts, next try, last error, and the signed fields of the last
+    attempt), then the message.  Files are written to tmp/ (created exclusively,
+    never through a link), fsynced and renamed, so a crash never leaves half an
+    entry; an entry is deleted only after the proxy accepted it.  Refused,
+    expired or damaged entries move to failed/ with a .reason file.  The folders
+    must belong to this user and be writable by nobody else (else UnsafeSpool).
+    No secret key is ever written here; file names come from the time and pid.
     """
 
     def __init__(self, path):
+        if not SPOOL_SUPPORTED:
+            raise ConfigurationError("the spool needs a POSIX system (fcntl, O_NOFOLLOW, dir_fd)")
         self.path = os.path.abspath(path)
         self.new, self.tmp, self.failed = (os.path.join(self.path, d) for d in ("new", "tmp", "failed"))
+        self.stopped_by: Optional[MessageSendingFailure] = None
 
-    def _ensure(self) -> None:
-        for folder in (self.path, self.new, self.tmp, self.failed):
-            os.makedirs(folder, mode=0o700, exist_ok=True)
+    # -- folders and files ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def _folders(self, create: bool = True) -> Iterator[Optional[_Folders]]:
+        """Open (and make, 0700) the spool's folders after checking they are this user's alone.
+
+        Without create, a spool that does not exist yet gives None.
+        """
+        opened: list[int] = []
+        try:
+            if create:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                opened.append(self._open_folder(self.path, None, create))
+            except FileNotFoundError:
+                if create:
+                    raise
+            if not opened:
+                yield None
+                return
+            for name in ("new", "tmp", "failed"):
+                opened.append(self._open_folder(name, opened[0], True))
+            yield _Folders(*opened)
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def _open_folder(self, name: str, parent: Optional[int], create: bool) -> int:
+        shown = name if parent is None else os.path.join(self.path, name)
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=parent)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR) and _is_link(name, parent):
+                raise UnsafeSpool(f"spool folder {shown} is a symbolic link: refusing to follow it") from None
+            raise OSError(exc.errno, exc.strerror, shown) from None
+        info = os.fstat(fd)
+        problem = None
+        if info.st_uid != os.geteuid():
+            problem = f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+        elif info.st_mode & 0o022:
+            problem = f"is writable by others (mode {stat.S_IMODE(info.st_mode):04o}); chmod 700 {shown}"
+        if problem:
+            os.close(fd)
+            raise UnsafeSpool(f"spool folder {shown} {problem}: refusing to use it")
+        return fd
+
+    def _put(self, folders: _Folders, folder: int, name: str, data: bytes, sync: bool = False) -> None:
+        """Write a file atomically: exclusively created in tmp/ under a fresh name, fsynced, renamed.
+
+        A failed write (a full disk) leaves nothing behind in tmp/.
+        """
+        temporary = f"{name}.{os.getpid()}.{os.urandom(6).hex()}"
+        fd = os.open(temporary, _CREATE_FLAGS, 0o600, dir_fd=folders.tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(temporary, name, src_dir_fd=folders.tmp, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=folders.tmp)
+            raise
+        if sync:
+            os.fsync(folder)
+
+    def _read_small(self, folder: int, name: str, limit: int) -> Optional[bytes]:
+        """A small bookkeeping file's bytes, or None if it is missing or not a plain file."""
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=folder)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            return f.read(limit)
+
+    def _load(self, folder: int, name: str) -> tuple[dict, bytes]:
+        """Read one entry without following a link or blocking; raise DamagedEntry if it is not sendable."""
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise DamagedEntry("a symbolic link, not a spool entry (not followed)") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise DamagedEntry("not a regular file")
+            if info.st_size > MAX_ENTRY_BYTES:
+                raise DamagedEntry(f"{info.st_size} bytes, more than any spool entry holds")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(MAX_ENTRY_BYTES + 1)
+        finally:
+            os.close(fd)
+        end = data.find(b"\n", 0, MAX_META_BYTES)
+        if end == -1:
+            raise DamagedEntry("no bookkeeping line: not a gmail.py spool entry")
+        try:
+            meta = json.loads(data[:end])
+        except (ValueError, RecursionError):
+            raise DamagedEntry("its first line is not gmail.py's bookkeeping") from None
+        problem = _bookkeeping_problem(meta)
+        if problem:
+            raise DamagedEntry(f"incomplete bookkeeping: {problem}")
+        raw = data[end + 1 :]
+        if "size" in meta and len(raw) != meta["size"]:
+            raise DamagedEntry(f"truncated: {len(raw)} of its {meta['size']} bytes")
+        if not raw.strip():
+            raise DamagedEntry("no message")
+        return meta, raw
+
+    @staticmethod
+    def _names(folder: int, skip_reasons: bool = False) -> list:
+        return sorted(
+            n for n in os.listdir(folder) if not n.startswith(".") and not (skip_reasons and n.endswith(".reason"))
+        )
+
+    def names(self) -> list:
+        """The entries waiting in new/, oldest first."""
+        with self._folders(create=False) as folders:
+            return self._names(folders.new) if folders else []
+
+    # -- queueing ------------------------------------------------------------
 
     def add(self, raw: bytes, fix_sender: bool, reason: str) -> str:
         """Queue a message; return its entry name."""
-        self._ensure()
         name = f"{time.time_ns():020d}.{os.getpid()}.{os.urandom(4).hex()}"
         meta = {
             "queued_at": time.time(),
+            "size": len(raw),
             "attempts": 0,
             "next_try": 0,
             "last_error": reason,
             "fix_sender": fix_sender,
             "signed": None,
         }
-        self._write(name, meta, raw)
+        with self._folders() as folders:
+            assert folders is not None
+            self._put(folders, folders.new, name, _entry(meta, raw), sync=True)
         return name
 
-    def _write(self, name: str, meta: dict, raw: bytes) -> None:
-        tmp = os.path.join(self.tmp, name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(json.dumps(meta).encode("ascii") + b"\n" + raw)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, os.path.join(self.new, name))
-
-    def _read(self, folder: str, name: str) -> tuple[dict, bytes]:
-        with open(os.path.join(folder, name), "rb") as f:
-            data = f.read(MAX_MESSAGE_BYTES + 64 * 1024)
-        head, _, raw = data.partition(b"\n")
-        meta = json.loads(head)
-        if not isinstance(meta, dict) or not all(
-            isinstance(meta.get(k), (int, float)) for k in ("queued_at", "attempts", "next_try")
-        ):
-            raise ValueError("not gmail.py's bookkeeping")
-        return meta, raw
-
-    def names(self, folder: Optional[str] = None) -> list:
-        try:
-            return sorted(n for n in os.listdir(folder or self.new) if not n.endswith(".reason"))
-        except FileNotFoundError:
-            return []
-
-    def _fail(self, name: str, reason: str) -> None:
-        with open(os.path.join(self.failed, name + ".reason"), "w", encoding="utf-8") as f:
-            f.write(reason + "\n")
-        os.replace(os.path.join(self.new, name), os.path.join(self.failed, name))
-
-    @property
-    def _retry_at_file(self) -> str:
-        return os.path.join(self.path, "retry-at")
+    # -- flushing ------------------------------------------------------------
 
     def flush(self, proxy: GmailProxy, max_age: float = DEFAULT_MAX_AGE_SECONDS) -> dict:
         """Send what is due, oldest first, over proxy's connection; return counts by outcome.
 
-        A temporary failure backs the message off (1 minute, doubling, at most 4
-        hours) and ends the run: the proxy is down, and the next flush waits as
-        long.  Raises SpoolBusy if another flush is running.
+        A temporary failure backs that message off (1 minute, doubling, at most 4
+        hours).  If the proxy itself is unavailable (unreachable, 429, 503) the
+        run ends there, `stopped_by` says why, and the next flush waits as long;
+        a failure of one message (a 500) lets the run go on.  A refusal of this
+        client's setup (ConfigurationFailure) ends the run without a back-off, so
+        the first flush after the fix sends everything.  Damaged entries move to
+        failed/ and the rest still flows.  Raises SpoolBusy if another flush is
+        running.
         """
-        if fcntl is None:
-            raise ConfigurationError("the spool needs a POSIX system (fcntl)")
-        self._ensure()
+        self.stopped_by = None
         report = {"sent": 0, "failed": 0, "deferred": 0, "waiting": 0}
-        with open(os.path.join(self.path, ".lock"), "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise SpoolBusy(f"another flush of {self.path} is running") from None
+        with self._folders() as folders, self._locked(folders):
+            assert folders is not None
+            self._clean_tmp(folders)
             now = time.time()
-            names = self.names()
-            if now < self._retry_at():
+            names = self._names(folders.new)
+            if now < self._retry_at(folders):
                 report["waiting"] = len(names)
                 return report
             for index, name in enumerate(names):
                 try:
-                    meta, raw = self._read(self.new, name)
+                    meta, raw = self._load(folders.new, name)
                 except FileNotFoundError:
-                    continue
-                except ValueError:  # damaged: set it aside, never block the queue
-                    self._fail(name, "unreadable spool entry: its first line is not gmail.py's bookkeeping")
-                    report["failed"] += 1
+                    continue  # sent by a flush that ran before us
+                except DamagedEntry as damage:
+                    report["failed"] += self._set_aside(folders, name, f"damaged spool entry: {damage}")
                     continue
                 if now - meta["queued_at"] > max_age:
-                    self._fail(
-                        name,
-                        f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago; "
-                        f"last error: {meta['last_error']}",
-                    )
-                    report["failed"] += 1
+                    reason = f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago"
+                    report["failed"] += self._set_aside(folders, name, f"{reason}; last error: {meta['last_error']}")
                     continue
                 if meta["next_try"] > now:
                     report["waiting"] += 1
                     continue
-                outcome = self._send(proxy, name, meta, raw, now)
-                report[outcome] += 1
-                if outcome == "deferred":
-                    report["waiting"] += len(names) - index - 1  # those not looked at yet
-                    break
+                failure = self._send(folders, proxy, name, meta, raw, now)
+                if failure is None:
+                    report["sent"] += 1
+                elif not failure.temporary:
+                    report["failed"] += 1
+                else:
+                    report["deferred"] += 1
+                    if failure.proxy_unavailable:
+                        self.stopped_by = failure
+                        if meta["next_try"] > now:
+                            self._put_if_possible(folders, folders.root, "retry-at", b"%.0f\n" % meta["next_try"])
+                        report["waiting"] += len(names) - index - 1  # those not looked at yet
+                        break
             else:
-                self._clear_retry_at()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink("retry-at", dir_fd=folders.root)
         return report
 
-    def _send(self, proxy: GmailProxy, name: str, meta: dict, raw: bytes, now: float) -> str:
-        signed = meta.get("signed")
+    @contextlib.contextmanager
+    def _locked(self, folders: Optional[_Folders]) -> Iterator[None]:
+        assert folders is not None and fcntl is not None
+        try:
+            fd = os.open(".lock", os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=folders.root)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise UnsafeSpool(f"{self.path}/.lock is a symbolic link: refusing to follow it") from None
+            raise OSError(exc.errno, exc.strerror, os.path.join(self.path, ".lock")) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SpoolBusy(f"another flush of {self.path} is running") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _send(
+        self, folders: _Folders, proxy: GmailProxy, name: str, meta: dict, raw: bytes, now: float
+    ) -> Optional[MessageSendingFailure]:
+        signed = meta["signed"]
         if not signed or now - int(signed["timestamp"]) > REUSE_SIGNATURE_SECONDS:
             signed = sign_request(raw, proxy.key, meta["fix_sender"], signature_v1=proxy.signature_v1)
             meta["signed"] = signed
-            self._write(name, meta, raw)  # recorded before sending: a rerun resends these exact bytes
+            # Recorded before sending, so a rerun resends these exact bytes.  On a full disk it
+            # is sent all the same: delivering beats the small risk of a duplicate after a crash.
+            self._put_if_possible(folders, folders.new, name, _entry(meta, raw))
+        body = form_body(raw, signed["timestamp"], signed["signature"], signed["signature_v2"], signed["fix_sender"])
         try:
-            proxy.send_signed(form_body(raw, **signed))
+            proxy.send_signed(body)
         except MessageSendingFailure as failure:
             if not failure.temporary:
-                self._fail(name, str(failure))
-                return "failed"
-            meta["attempts"] += 1
-            delay = min(FIRST_RETRY_SECONDS * 2 ** (meta["attempts"] - 1), MAX_RETRY_SECONDS)
-            meta["next_try"] = now + delay
+                self._set_aside(folders, name, str(failure))
+                return failure
             meta["last_error"] = str(failure)
-            self._write(name, meta, raw)
-            self._set_retry_at(now + delay)
-            return "deferred"
-        os.unlink(os.path.join(self.new, name))
-        return "sent"
+            if not isinstance(failure, ConfigurationFailure):  # no back-off: the fix should take effect at once
+                meta["attempts"] += 1
+                delay = min(FIRST_RETRY_SECONDS * 2 ** min(meta["attempts"] - 1, 20), MAX_RETRY_SECONDS)
+                meta["next_try"] = now + delay
+            self._put_if_possible(folders, folders.new, name, _entry(meta, raw))
+            return failure
+        os.unlink(name, dir_fd=folders.new)
+        return None
 
-    def _retry_at(self) -> float:
+    def _set_aside(self, folders: _Folders, name: str, reason: str) -> int:
+        """Move an entry (whatever it is: never followed) to failed/ with its reason; 1 if it moved."""
+        # On a full disk the reason may not be written; the entry is still set aside.
+        self._put_if_possible(folders, folders.failed, name + ".reason", reason.encode("utf-8") + b"\n")
         try:
-            with open(self._retry_at_file) as f:
-                return float(f.read(64) or 0)
-        except (FileNotFoundError, ValueError):
-            return 0.0
+            os.rename(name, name, src_dir_fd=folders.new, dst_dir_fd=folders.failed)
+        except OSError:
+            return 0  # it stays in new/, and the next flush tries again; the rest still flows
+        return 1
 
-    def _set_retry_at(self, when: float) -> None:
-        with open(self._retry_at_file, "w") as f:
-            f.write(f"{when:.0f}\n")
-
-    def _clear_retry_at(self) -> None:
+    def _put_if_possible(self, folders: _Folders, folder: int, name: str, data: bytes) -> None:
+        """Write bookkeeping that delivery does not depend on: a full disk must not stop a flush."""
         try:
-            os.unlink(self._retry_at_file)
-        except FileNotFoundError:
+            self._put(folders, folder, name, data)
+        except OSError:
             pass
+
+    def _clean_tmp(self, folders: _Folders) -> None:
+        """Remove tmp/ leftovers: files a crash or a full disk left, and anything that is not a plain file."""
+        now = time.time()
+        for name in os.listdir(folders.tmp):
+            try:
+                info = os.stat(name, dir_fd=folders.tmp, follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode) or now - info.st_mtime > TMP_MAX_AGE_SECONDS:
+                    os.unlink(name, dir_fd=folders.tmp)
+            except OSError:
+                pass  # gone already, or a folder: harmless
+
+    def _retry_at(self, folders: _Folders) -> float:
+        text = self._read_small(folders.root, "retry-at", 64) or b"0"
+        try:
+            when = float(text)
+        except ValueError:
+            return 0.0
+        return when if math.isfinite(when) else 0.0
+
+    # -- listing -------------------------------------------------------------
 
     def describe(self) -> list:
         """One line per queued or failed message: what it is and why it is there."""
         now = time.time()
         lines = []
-        for folder, state in ((self.new, "queued"), (self.failed, "failed")):
-            for name in self.names(folder):
+        with self._folders(create=False) as folders:
+            if folders is None:
+                return []
+            for name in self._names(folders.new):
                 try:
-                    meta, raw = self._read(folder, name)
+                    meta, raw = self._load(folders.new, name)
                 except FileNotFoundError:
                     continue
-                except ValueError:
-                    meta, raw = {"queued_at": now, "attempts": 0, "next_try": 0, "last_error": "unreadable"}, b""
-                head = BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
-                subject = " ".join(str(head.get("Subject", "")).split())[:60]
-                if state == "queued":
-                    wait = max(0, meta["next_try"] - now)
-                    why = f"attempts {meta['attempts']}, next try in {wait:.0f}s, last error: {meta['last_error']}"
-                else:
-                    with open(os.path.join(folder, name + ".reason"), encoding="utf-8") as f:
-                        why = f.read().strip()
-                age = (now - meta["queued_at"]) / 60
-                lines.append(f"{state} {name}  age {age:.0f} min  to {head.get('To', '?')}  subject {subject!r}: {why}")
+                except DamagedEntry as damage:
+                    lines.append(f"queued {name}  damaged: {damage} (the next flush moves it to failed/)")
+                    continue
+                wait = max(0, meta["next_try"] - now)
+                why = f"attempts {meta['attempts']}, next try in {wait:.0f}s, last error: {meta['last_error']}"
+                lines.append(f"queued {name}  {_summary(meta, raw, now)}: {why}")
+            for name in self._names(folders.failed, skip_reasons=True):
+                reason = self._read_small(folders.failed, name + ".reason", MAX_REASON_BYTES)
+                why = _one_line(reason.decode("utf-8", "replace"), 1000) if reason else "no reason recorded"
+                try:
+                    meta, raw = self._load(folders.failed, name)
+                except (OSError, DamagedEntry):
+                    lines.append(f"failed {name}: {why}")
+                    continue
+                lines.append(f"failed {name}  {_summary(meta, raw, now)}: {why}")
         return lines
 
 
+def _is_link(name: str, folder: Optional[int]) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _entry(meta: dict, raw: bytes) -> bytes:
+    return json.dumps(meta).encode("ascii") + b"\n" + raw
+
+
+def _bookkeeping_problem(meta: Any) -> Optional[str]:
+    """What is missing or wrong in an entry's bookkeeping line, or None if it is sendable."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    missing = [field for field in (*_META_NUMBERS, "attempts", "last_error", "fix_sender") if field not in meta]
+    if missing:
+        return "no " + ", ".join(missing)
+    for field in _META_NUMBERS:
+        value = meta.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{field} is {value!r}, not a time"
+    for field, kind in (("attempts", int), ("last_error", str), ("fix_sender", bool)):
+        value = meta.get(field)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{field} is {value!r}, not {kind.__name__}"
+    if "size" in meta and (isinstance(meta["size"], bool) or not isinstance(meta["size"], int)):
+        return f"size is {meta['size']!r}"
+    signed = meta.get("signed", False)
+    if signed is None:
+        return None
+    if not isinstance(signed, dict) or set(signed) != {"timestamp", "signature", "signature_v2", "fix_sender"}:
+        return "signed is not the fields of a signed request"
+    stamp, v1, v2 = signed["timestamp"], signed["signature"], signed["signature_v2"]
+    if not (isinstance(stamp, str) and stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+        return f"signed timestamp is {stamp!r}"
+    if not (v1 is None or (isinstance(v1, str) and v1.isascii() and len(v1) < 100)):
+        return "signed signature is not a v1 signature"
+    if not (isinstance(v2, str) and len(v2) == 64 and all(c in "0123456789abcdef" for c in v2)):
+        return "signed signature_v2 is not a v2 signature"
+    if not isinstance(signed["fix_sender"], bool):
+        return "signed fix_sender is not true or false"
+    return None
+
+
+def _summary(meta: dict, raw: bytes, now: float) -> str:
+    head = BytesParser(policy=policy.compat32).parsebytes(_split_head(raw)[0] + b"\n\n", headersonly=True)
+    subject = _one_line(str(head.get("Subject", "")), 60)
+    to = _one_line(", ".join(str(v) for name in RECIPIENT_HEADERS for v in head.get_all(name, [])) or "?", 100)
+    return f"age {(now - meta['queued_at']) / 60:.0f} min  to {to}  subject {subject!r}"
+
+
 # ---------------------------------------------------------------------------
-# Envelope recipients (Exim's RECIPIENT, sendmail's arguments)
+# Envelope recipients (sendmail's arguments, Exim's $pipe_addresses or RECIPIENT)
 # ---------------------------------------------------------------------------
 
 RECIPIENT_HEADERS = ("To", "Cc", "Bcc")
+
+
+def _split_head(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    """Split a message into its header block, the blank line after it, and the body."""
+    header_end = raw.find(b"\n\n")
+    crlf_end = raw.find(b"\r\n\r\n")
+    if crlf_end != -1 and (header_end == -1 or crlf_end < header_end):
+        return raw[:crlf_end], b"\r\n\r\n", raw[crlf_end + 4 :]
+    if header_end != -1:
+        return raw[:header_end], b"\n\n", raw[header_end + 2 :]
+    return raw, b"\n\n", b""
+
+
+def _has_sender(raw: bytes) -> bool:
+    """Whether the message has a From with a full address (cron's "root (Cron Daemon)" has none)."""
+    head = BytesParser(policy=policy.compat32).parsebytes(_split_head(raw)[0] + b"\n\n", headersonly=True)
+    return any("@" in address for _, address in getaddresses([str(v) for v in head.get_all("From", [])]))
+
+
+def _without_header(raw: bytes, name: str) -> bytes:
+    """The message without its `name` headers (folded lines included)."""
+    head, sep, body = _split_head(raw)
+    kept = [line for line in _header_lines(head) if line.split(b":", 1)[0].strip().lower() != name.lower().encode()]
+    return (b"\r\n" if sep == b"\r\n\r\n" else b"\n").join(kept) + sep + body
 
 
 def for_one_recipient(raw: bytes, recipient: str) -> bytes:
@@ -680,14 +1214,7 @@ def for_one_recipient(raw: bytes, recipient: str) -> bytes:
     (and display name) it had; one not named in the headers (a Bcc that the MTA
     already removed) becomes a Bcc, so other recipients are never revealed.
     """
-    header_end = raw.find(b"\n\n")
-    crlf_end = raw.find(b"\r\n\r\n")
-    if crlf_end != -1 and (header_end == -1 or crlf_end < header_end):
-        head, sep, body = raw[:crlf_end], b"\r\n\r\n", raw[crlf_end + 4 :]
-    elif header_end != -1:
-        head, sep, body = raw[:header_end], b"\n\n", raw[header_end + 2 :]
-    else:
-        head, sep, body = raw, b"\n\n", b""
+    head, sep, body = _split_head(raw)
     message = BytesParser(policy=policy.compat32).parsebytes(head + sep, headersonly=True)
     wanted = recipient.strip().lower()
     where, name = next(
@@ -739,38 +1266,68 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="gmail.py",
-        description="Send mail through an appengine-mailer proxy, like mail(1) or sendmail(8).\n\n"
-        "With recipients, the body is read from standard input and a message is built.\n"
-        "Without recipients, a whole RFC 2822 message is read from standard input and sent\n"
-        "to the recipients in its To, Cc and Bcc headers (sendmail -t).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Configuration: --url and --key-file, else env GMAIL_PROXY_URL and GMAIL_SECRET_KEY,\n"
-        "else the files /etc/envdir/GMAIL_PROXY_URL and /etc/envdir/GMAIL_SECRET_KEY.\n"
-        "If RECIPIENT is set (Exim's pipe transport sets it), the message goes to that\n"
-        "recipient alone.\n\n"
-        "Exit status (sysexits.h): 0 sent (or queued with --queue); 75 temporary failure,\n"
-        "retry later (proxy down, timeout, 5xx, 429); 65 message refused; 77 permission\n"
-        "refused; 64 usage error; 66 input file missing; 74 spool not writable;\n"
-        "78 configuration missing.",
-    )
+EXIT_STATUS_HELP = """\
+Exit status (sysexits.h):
+  0   sent; or, with --queue, queued for a later --flush
+  75  try again later: proxy unreachable or timed out, 5xx, 429
+  78  configuration: a setting missing or unusable, a key or a clock the proxy
+      refuses, a URL that redirects (the Exim transport defers it too; --queue
+      keeps the message)
+  65  the proxy refused the message (4xx), or it is over the size limit
+  77  the proxy answered 401 or 403
+  64  bad command line    66  an attachment cannot be read    74  spool unusable"""
+
+SETTINGS_HELP = f"""\
+Settings: --url and --key-file, else the environment variables GMAIL_PROXY_URL
+and GMAIL_SECRET_KEY, else the files of those names in --envdir (default
+{ENVDIR}).  The spool: --queue, else GMAIL_SPOOL_DIR (environment, then file)."""
+
+
+def build_parser(personality: str = "gmail") -> argparse.ArgumentParser:
+    """The command line for gmail.py, or for sendmail(8) and mailq(1) when installed under those names."""
+    if personality == "gmail":
+        parser = _Parser(
+            prog="gmail.py",
+            description="Send mail through an appengine-mailer proxy, like mail(1) or sendmail(8).\n\n"
+            "With RECIPIENTs, the body is read from standard input and a message is built,\n"
+            "sent from -r, or without -r from the proxy's default sender.  With sendmail's\n"
+            "-i, -o, -f or -B, standard input is instead a whole message for the RECIPIENTs.\n"
+            "Without RECIPIENTs, a whole RFC 2822 message is read from standard input.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=SETTINGS_HELP + "\n\n"
+            "Recipients: the RECIPIENT arguments, or with -t the message's To, Cc and Bcc.\n"
+            "Only when neither is given is the environment variable RECIPIENT used (one\n"
+            "address; Exim's pipe transport sets it); without it, the message's headers.\n"
+            "Installed under the name sendmail or mailq, it behaves as those (see README).\n\n" + EXIT_STATUS_HELP,
+        )
+    else:
+        parser = _Parser(
+            prog=personality,
+            description="gmail.py as sendmail(8): standard input is the whole message, the arguments are\n"
+            "its envelope recipients (or -t: the message's To, Cc and Bcc).  A message without\n"
+            "From is sent from the proxy's default sender.  As mailq, or with -bp, it lists the spool.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=SETTINGS_HELP + "\n\n" + EXIT_STATUS_HELP,
+        )
     parser.add_argument("recipients", nargs="*", metavar="RECIPIENT", help="send to these addresses")
-    mail = parser.add_argument_group("mail(1) options")
-    mail.add_argument("-s", dest="subject", metavar="SUBJECT", help="subject of the message")
-    mail.add_argument("-c", dest="cc", action="append", default=[], metavar="CC", help="carbon copy to CC")
-    mail.add_argument("-b", dest="bcc", action="append", default=[], metavar="BCC", help="blind carbon copy to BCC")
-    mail.add_argument("-a", dest="attach", action="append", default=[], metavar="FILE", help="attach FILE")
-    mail.add_argument(
-        "-r", dest="sender", metavar="FROM", help="From address (without it, the proxy's default sender is used)"
-    )
+    if personality == "gmail":
+        mail = parser.add_argument_group("mail(1) options")
+        mail.add_argument("-s", dest="subject", metavar="SUBJECT", help="subject of the message")
+        mail.add_argument("-c", dest="cc", action="append", default=[], metavar="CC", help="carbon copy to CC")
+        mail.add_argument("-b", dest="bcc", action="append", default=[], metavar="BCC", help="blind carbon copy to BCC")
+        mail.add_argument("-a", dest="attach", action="append", default=[], metavar="FILE", help="attach FILE")
+        mail.add_argument(
+            "-r", dest="sender", metavar="FROM", help="From address (without it, the proxy's default sender is used)"
+        )
+        parser.set_defaults(mode="m")
+    else:
+        parser.set_defaults(subject=None, cc=[], bcc=[], attach=[], sender=None)
     sendmail = parser.add_argument_group("sendmail options (accepted for MTAs and cron)")
     sendmail.add_argument(
         "-t",
         dest="from_headers",
         action="store_true",
-        help="take recipients from the message headers (the default without RECIPIENTs)",
+        help="take recipients from the message's To, Cc and Bcc headers",
     )
     sendmail.add_argument("-i", dest="ignore_dots", action="store_true", help="ignored (dots are never special)")
     sendmail.add_argument(
@@ -786,6 +1343,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sendmail.add_argument("-F", dest="full_name", metavar="NAME", help="full name for a From made from -f or -r")
     sendmail.add_argument("-B", dest="body_type", metavar="TYPE", help="ignored (8BITMIME is always fine)")
+    if personality != "gmail":
+        sendmail.add_argument("-r", dest="envelope_sender", metavar="ADDR", help="the same as -f")
+        sendmail.add_argument(
+            "-b",
+            dest="mode",
+            choices=("m", "p"),
+            default="p" if personality == "mailq" else "m",
+            help="-bm: send (the default); -bp: list the spool, as mailq does",
+        )
+        sendmail.add_argument("-v", dest="verbose", action="store_true", help="ignored")
+        sendmail.add_argument("-N", dest="dsn", metavar="DSN", help="ignored (the proxy sends no DSNs)")
     proxy = parser.add_argument_group("proxy options")
     proxy.add_argument(
         "--url", help="proxy URL, or several separated by commas, tried in turn (default: GMAIL_PROXY_URL)"
@@ -806,18 +1374,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="send only signature v2 (for proxies that require it; old proxies need v1)",
     )
-    proxy.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the proxy")
+    proxy.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        help="seconds each proxy URL gets for the whole exchange: connect, send, answer (default 30)",
+    )
     spool = parser.add_argument_group("spool (a local queue for outages)")
     spool.add_argument(
         "--queue",
         dest="queue_dir",
         metavar="DIR",
-        help="when the proxy fails temporarily, queue the message in DIR and exit 0",
+        help="when the proxy fails temporarily or refuses the setup, queue the message in DIR and exit 0",
     )
     spool.add_argument(
-        "--flush", dest="flush_dir", metavar="DIR", help="send what is queued in DIR, oldest first (run it from cron)"
+        "--flush",
+        dest="flush_dir",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="send what is queued in DIR (default: the spool), oldest first (run it from cron)",
     )
-    spool.add_argument("--list", dest="list_dir", metavar="DIR", help="show what is queued or failed in DIR, and why")
+    spool.add_argument(
+        "--list",
+        dest="list_dir",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="show what is queued or failed in DIR (default: the spool), and why",
+    )
     spool.add_argument(
         "--max-age",
         type=float,
@@ -829,10 +1414,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(text)
+    return value
+
+
+_seconds.__name__ = "seconds"  # argparse says "invalid seconds value"
+
+
+def _personality(program: str) -> str:
+    """sendmail or mailq when installed under that name (a link or a copy), else gmail."""
+    name = os.path.basename(program or "")
+    for personality in ("sendmail", "mailq"):
+        if name == personality or name.startswith(personality + "."):
+            return personality
+    return "gmail"
+
+
 def _read_stdin(stdin) -> bytes:
     data = stdin.read(MAX_MESSAGE_BYTES + 1)
     if len(data) > MAX_MESSAGE_BYTES:
-        raise MessageSendingFailure(f"message is over the {MAX_MESSAGE_BYTES}-byte limit", status=413)
+        raise MessageSendingFailure(_too_large(len(data), exact=False), status=413, reason="too large")
     return data
 
 
@@ -856,12 +1460,16 @@ def build_message(args, body: bytes) -> EmailMessage:
         msg["Bcc"] = ", ".join(args.bcc)
     msg["Subject"] = args.subject or ""
     msg.set_content(_decode_body(body))
+    total = 0
     for path in args.attach:
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_MESSAGE_BYTES + 1)
         except OSError as exc:
             raise InputError(f"cannot read attachment {path}: {exc.strerror}") from None
+        total += len(data)
+        if total * 4 // 3 > MAX_REQUEST_BYTES:  # base64 alone would be over the limit: stop reading
+            raise MessageSendingFailure(_too_large(total * 4 // 3, exact=False), status=413, reason="too large")
         kind, _ = mimetypes.guess_type(path)
         maintype, _, subtype = (kind or "application/octet-stream").partition("/")
         msg.add_attachment(data, maintype, subtype, filename=os.path.basename(path))
@@ -869,21 +1477,26 @@ def build_message(args, body: bytes) -> EmailMessage:
 
 
 def _with_from(raw: bytes, args) -> bytes:
-    """Give a sendmail-mode message a From from -f/-F when it has none."""
+    """Give a sendmail-mode message a From from -f/-F when it has none.
+
+    A From without a full address (cron writes "root (Cron Daemon)"; sendmail
+    would add its host name) counts as none: the proxy refuses it.
+    """
+    if _has_sender(raw):
+        return raw
+    raw = _without_header(raw, "From")
     if not args.envelope_sender:
         return raw
-    head = raw.split(b"\n\n", 1)[0]
-    if any(line.lower().startswith(b"from:") for line in head.replace(b"\r\n", b"\n").split(b"\n")):
-        return raw
-    line = f"From: {formataddr((args.full_name or '', args.envelope_sender))}\n".encode()
-    return line + raw
+    return f"From: {formataddr((args.full_name or '', args.envelope_sender))}\n".encode() + raw
 
 
 COMMAND_LINE_ERRORS = (UsageError, ConfigurationError, InputError, MessageSendingFailure, OSError, KeyboardInterrupt)
 
 
 def exit_code_for(error: BaseException) -> int:
-    """Choose the sysexits code for a failure: 75 tells an MTA to keep the message and retry."""
+    """Choose the sysexits code for a failure: 75 and 78 tell an MTA to keep the message and retry."""
+    if isinstance(error, ConfigurationFailure):
+        return EX_CONFIG
     if isinstance(error, MessageSendingFailure):
         if error.temporary:
             return EX_TEMPFAIL
@@ -909,81 +1522,122 @@ def error_line(error: BaseException) -> str:
     return f"gmail.py: {error}"
 
 
-def main(argv: Optional[list] = None, stdin=None, environ=None) -> int:
-    """Run the command line; return the exit status (never raise for expected failures)."""
+def main(argv: Optional[list] = None, stdin=None, environ=None, prog: Optional[str] = None) -> int:
+    """Run the command line; return the exit status (never raise for expected failures).
+
+    `prog` is the name it was called by (default sys.argv[0]): sendmail and mailq
+    behave as those commands.
+    """
     environ = os.environ if environ is None else environ
     stdin = stdin if stdin is not None else sys.stdin.buffer
+    personality = _personality(prog if prog is not None else sys.argv[0])
     try:
-        args = build_parser().parse_args(argv)
-        if args.from_headers and args.recipients:
-            raise UsageError("give recipients either with -t or as arguments, not both")
-        key = None
-        if args.key_file:
-            try:
-                with open(args.key_file, encoding="utf-8") as f:
-                    key = f.read(64 * 1024)
-            except OSError as exc:
-                raise ConfigurationError(f"cannot read key file {args.key_file}: {exc.strerror}") from None
-        if args.list_dir:
-            print("\n".join(Spool(args.list_dir).describe()) or f"nothing queued in {args.list_dir}")
-            return EX_OK
-        mail_mode = bool(args.subject is not None or args.cc or args.bcc or args.attach or args.sender)
-        if mail_mode and not args.recipients:
-            raise UsageError("-s, -c, -b, -a and -r need at least one RECIPIENT")
-        if args.flush_dir and (args.recipients or mail_mode or args.queue_dir):
-            raise UsageError("--flush sends what is queued: give it no message, recipients or --queue")
-        fix_sender = args.fix_sender or (mail_mode and not (args.sender or args.envelope_sender))
-        key = read_setting("GMAIL_SECRET_KEY", key, environ, args.envdir)
-        url = read_setting("GMAIL_PROXY_URL", args.url, environ, args.envdir)
-        with GmailProxy(
-            key,
-            url,
-            fix_sender=fix_sender,
-            timeout=args.timeout,
-            envdir=args.envdir,
-            signature_v1=args.signature_v1,
-            queue_dir=args.queue_dir,
-        ) as proxy:
-            if args.flush_dir:
-                return _flush(Spool(args.flush_dir), proxy, args.max_age * 86400)
-            if args.recipients and (mail_mode or not _looks_like_sendmail_call(args)):
-                raw = message_bytes(build_message(args, _read_stdin(stdin)))
-                envelope = []
-            else:
-                raw = _with_from(_read_stdin(stdin), args)
-                envelope = list(args.recipients)
-            if environ.get("RECIPIENT"):
-                envelope = [environ["RECIPIENT"]]
-            if not raw.strip():
-                raise MessageSendingFailure("the message on standard input is empty", status=400)
-            for recipient in envelope or [None]:
-                proxy.send_mail(for_one_recipient(raw, recipient) if recipient else raw)
-                if proxy.last_queued:
-                    print(
-                        f"gmail.py: the proxy is unavailable; queued in {args.queue_dir} as {proxy.last_queued} "
-                        f"for gmail.py --flush",
-                        file=sys.stderr,
-                    )
-        return EX_OK
+        args = build_parser(personality).parse_args(argv)
+        return _run(args, personality, stdin, environ)
     except COMMAND_LINE_ERRORS as exc:
         print(error_line(exc), file=sys.stderr)
         return exit_code_for(exc)
 
 
+def _run(args, personality: str, stdin, environ: Mapping[str, str]) -> int:
+    mail_mode = bool(args.subject is not None or args.cc or args.bcc or args.attach or args.sender)
+    if args.from_headers and args.recipients:
+        raise UsageError("give recipients either with -t or as arguments, not both")
+    if mail_mode and not args.recipients:
+        raise UsageError("-s, -c, -b, -a and -r need at least one RECIPIENT")
+    spool_dir, _ = find_setting("GMAIL_SPOOL_DIR", args.queue_dir, "--queue", environ, args.envdir)
+    if args.list_dir is not None or args.mode == "p":
+        return _list(args.list_dir or spool_dir)
+    if args.flush_dir is not None and (args.recipients or mail_mode or args.queue_dir):
+        raise UsageError("--flush sends what is queued: give it no message, recipients or --queue")
+    key = None
+    if args.key_file:
+        try:
+            with open(args.key_file, encoding="utf-8") as f:
+                key = f.read(MAX_SETTING_BYTES)
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigurationError(f"cannot read key file {args.key_file}: {why}") from None
+    settings = {
+        "secret_key": key,
+        "proxy_url": args.url,
+        "timeout": args.timeout,
+        "envdir": args.envdir,
+        "environ": environ,
+        "signature_v1": args.signature_v1,
+        "given_as": {"secret_key": "--key-file", "proxy_url": "--url"},
+    }
+    if args.flush_dir is not None:
+        flush_dir = args.flush_dir or spool_dir
+        if not flush_dir:
+            raise UsageError("--flush needs a spool: give DIR, or set GMAIL_SPOOL_DIR")
+        spool = Spool(flush_dir)
+        with GmailProxy(**settings) as proxy:
+            return _flush(spool, proxy, args.max_age * 86400)
+    messages, fix_sender = _messages(args, personality, mail_mode, stdin, environ)
+    try:
+        proxy = GmailProxy(**settings, fix_sender=fix_sender, queue_dir=spool_dir)
+    except ConfigurationError as exc:
+        if not spool_dir:
+            raise
+        spool = Spool(spool_dir)  # kept until the setting is fixed; --flush then sends it
+        for raw in messages:
+            _said_queued(spool, _queue_or_fail(spool, raw, fix_sender, exc), exc)
+        return EX_OK
+    with proxy:
+        for raw in messages:
+            proxy.send_mail(raw)
+            if proxy.spool and proxy.last_queued:
+                _said_queued(proxy.spool, proxy.last_queued, proxy.last_failure)
+    return EX_OK
+
+
+def _messages(args, personality: str, mail_mode: bool, stdin, environ: Mapping[str, str]) -> tuple[list, bool]:
+    """The messages to send (one per envelope recipient) and whether the proxy's default sender may be used."""
+    sendmail_call = personality != "gmail" or _looks_like_sendmail_call(args)
+    if args.recipients and (mail_mode or not sendmail_call):
+        raw = message_bytes(build_message(args, _read_stdin(stdin)))  # mail(1)
+        return [raw], args.fix_sender or not (args.sender or args.envelope_sender)
+    envelope = list(args.recipients)
+    if not envelope and not args.from_headers:
+        if environ.get("RECIPIENT", "").strip():
+            envelope = [environ["RECIPIENT"].strip()]  # an MTA that names the recipient only there
+        elif personality == "sendmail":
+            raise UsageError("no recipients: give them as arguments, or -t to take them from the message")
+    raw = _with_from(_read_stdin(stdin), args)
+    if not raw.strip():
+        raise MessageSendingFailure("the message on standard input is empty", status=400)
+    # sendmail gives a message without From one from the user; the proxy's default sender is the nearest.
+    fix_sender = args.fix_sender or not _has_sender(raw)
+    return [for_one_recipient(raw, recipient) for recipient in envelope] or [raw], fix_sender
+
+
+def _said_queued(spool: Spool, name: str, why: Optional[BaseException]) -> None:
+    print(f"gmail.py: not sent ({why}); queued in {spool.path} as {name} for gmail.py --flush", file=sys.stderr)
+
+
+def _list(spool_dir: Optional[str]) -> int:
+    if not spool_dir:
+        print("nothing queued: no spool is configured (give --list DIR or --queue DIR, or set GMAIL_SPOOL_DIR)")
+        return EX_OK
+    print("\n".join(Spool(spool_dir).describe()) or f"nothing queued in {spool_dir}")
+    return EX_OK
+
+
 def _flush(spool: Spool, proxy: GmailProxy, max_age: float) -> int:
-    """Flush the spool; quiet unless something was sent or failed, so it suits cron."""
+    """Flush the spool; quiet unless something was sent or failed (or the setup is wrong), so it suits cron."""
     try:
         report = spool.flush(proxy, max_age)
     except SpoolBusy:
         return EX_OK  # the running flush will do the work
+    waiting = report["waiting"] + report["deferred"]
     if report["sent"] or report["failed"]:
-        print(
-            f"gmail.py: sent {report['sent']}, failed {report['failed']}, "
-            f"still queued {report['waiting'] + report['deferred']}"
-            f" ({spool.path})"
-        )
+        print(f"gmail.py: sent {report['sent']}, failed {report['failed']}, still queued {waiting} ({spool.path})")
     if report["failed"]:
         print(f"gmail.py: {report['failed']} message(s) moved to {spool.failed} (see gmail.py --list)", file=sys.stderr)
+    if isinstance(spool.stopped_by, ConfigurationFailure):
+        print(f"gmail.py: {spool.stopped_by}; {waiting} message(s) kept in {spool.path}", file=sys.stderr)
+        return EX_CONFIG
     return EX_OK
 
 

@@ -11,10 +11,12 @@ import re
 from typing import Mapping
 from urllib.parse import unquote_to_bytes
 
+import gmail
+
 from .errors import BadRequest, LengthRequired, PayloadTooLarge
 from .settings import FALSE_WORDS, TRUE_WORDS
 
-MAX_BODY_BYTES = 32 * 1024 * 1024  # App Engine's own request size cap.
+MAX_BODY_BYTES = gmail.MAX_REQUEST_BYTES  # App Engine's own request size cap, which clients check too
 MAX_FORM_FIELDS = 16
 
 _PRINTABLE_ASCII = bytes(range(0x21, 0x7F))  # what any urlencoder emits

@@ -22,6 +22,10 @@ from .settings import Key, key_fingerprint
 log = logging.getLogger("appengine_mailer")
 
 SENT, PENDING = "sent", "pending"
+# A 400 about the client's setup (its key, its clock) rather than the message says so in a header:
+# clients keep such mail for later instead of bouncing it.
+BAD_SIGNATURE_HEADERS = ((gmail.ERROR_HEADER, gmail.BAD_SIGNATURE),)
+CLOCK_SKEW_HEADERS = ((gmail.ERROR_HEADER, gmail.CLOCK_SKEW),)
 
 
 def check_signature(keys: Sequence[bytes], msg: bytes, signature: bytes) -> bytes:
@@ -33,7 +37,7 @@ def _match_any(keys: Sequence[bytes], expected_for: Callable[[bytes], str], give
     # Every key is tried, so the time taken does not tell which one matched.
     matches = [hmac.compare_digest(expected_for(key).encode("ascii"), given) for key in keys]
     if not any(matches):
-        raise BadRequest("signature does not match the message under any configured key")
+        raise BadRequest("signature does not match the message under any configured key", BAD_SIGNATURE_HEADERS)
     return keys[matches.index(True)]
 
 
@@ -56,11 +60,13 @@ def check_signature_v2(
     age = now - int(stamp)
     if age > window:
         raise BadRequest(
-            f"request expired: signed at {stamp}, server time is {int(now)} (requests are valid for {window} s)"
+            f"request expired: signed at {stamp}, server time is {int(now)} (requests are valid for {window} s)",
+            CLOCK_SKEW_HEADERS,
         )
     if age < -window:
         raise BadRequest(
-            f"request is from the future: signed at {stamp}, server time is {int(now)}; check the client's clock"
+            f"request is from the future: signed at {stamp}, server time is {int(now)}; check the client's clock",
+            CLOCK_SKEW_HEADERS,
         )
     return signature.decode("ascii"), key
 

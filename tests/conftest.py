@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -241,3 +242,96 @@ def reference_server():
     server = ReferenceServer(KEY)
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------- a server that drips its answer
+
+
+class DripServer:
+    """Takes the request, then answers one byte every `interval` seconds, never finishing the headers.
+
+    A per-operation socket timeout never fires against it; only a deadline for
+    the whole exchange does.  With `certificate`, it speaks TLS.
+    """
+
+    def __init__(self, interval: float = 0.5, total: int = 240, certificate: Optional[tuple] = None):
+        self.interval, self.total = interval, total
+        self.requests = 0
+        self.context = None
+        if certificate:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(*certificate)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.2)
+        scheme = "https" if certificate else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        try:
+            conn.settimeout(30)
+            if self.context:
+                conn = self.context.wrap_socket(conn, server_side=True)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            while len(body) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                body += chunk
+            self.requests += 1
+            conn.sendall(b"HTTP/1.1 204 No Content\r\nX-Drip: ")
+            for _ in range(self.total):
+                if self.stopped.wait(self.interval):
+                    return
+                conn.sendall(b"a")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def drip_server():
+    server = DripServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def self_signed_certificate(tmp_path) -> tuple:
+    """A certificate for 127.0.0.1 and its key (PEM files), made with the openssl command."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)

@@ -1,8 +1,10 @@
 """A reference proxy written only from the documented interface, not from mailer.py.
 
 POST / with urlencoded `msg` and `signature` = base64(HMAC-SHA1(key, msg)); 204 when
-the signature matches, 400 with a reason otherwise.  It records what it accepted and
-how many connections it saw, and can be told to answer with another status.
+the signature matches, 400 with a reason otherwise (and `X-Appengine-Mailer-Error:
+bad-signature` when the signature matches no key); 413 from Content-Length, before
+reading, over its size limit.  It records what it accepted and how many connections
+it saw, and can be told to answer with another status.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class ReferenceServer:
         self.force_times: int | None = None  # answer force_status this many times only (None: always)
         self.retry_after: str | None = None
         self.drop_times = 0  # close the connection without answering this many times
+        self.force_if: bytes | None = None  # answer force_status only to requests whose body holds this
+        self.force_headers: dict[str, str] = {}  # sent with force_status, e.g. a Location
+        self.max_body = 32 * 1024 * 1024
         self.bodies: list[bytes] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -51,11 +56,13 @@ class ReferenceServer:
             def log_message(self, *args):
                 pass
 
-            def answer(self, status: int, text: str = ""):
+            def answer(self, status: int, text: str = "", headers: dict | None = None):
                 body = text.encode()
                 self.send_response(status)
                 if body:
                     self.send_header("Content-Type", "text/plain")
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 if server.retry_after is not None and status == 503:
                     self.send_header("Retry-After", server.retry_after)
@@ -67,6 +74,9 @@ class ReferenceServer:
 
             def do_POST(self):
                 server.requests += 1
+                if int(self.headers["Content-Length"]) > server.max_body:
+                    self.close_connection = True  # the body is not read
+                    return self.answer(413, f"request body over the {server.max_body}-byte limit")
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 server.bodies.append(body)
                 if server.drop_times:
@@ -75,16 +85,17 @@ class ReferenceServer:
                     return
                 # latin-1 maps each percent-decoded byte to one character and back.
                 fields = parse_qs(body.decode("ascii"), keep_blank_values=True, encoding="latin-1")
-                if server.force_status and server.force_times != 0:
+                forced = server.force_if is None or server.force_if in body
+                if server.force_status and server.force_times != 0 and forced:
                     if server.force_times:
                         server.force_times -= 1
-                    return self.answer(server.force_status, server.force_reason)
+                    return self.answer(server.force_status, server.force_reason, server.force_headers)
                 if "msg" not in fields or "signature" not in fields:
                     return self.answer(400, "missing parameters")
                 msg = fields["msg"][0].encode("latin-1")
                 expected = base64.b64encode(hmac.new(server.key, msg, hashlib.sha1).digest())
                 if not hmac.compare_digest(expected, fields["signature"][0].strip().encode("latin-1")):
-                    return self.answer(400, "malformed signature")
+                    return self.answer(400, "malformed signature", {"X-Appengine-Mailer-Error": "bad-signature"})
                 server.accepted.append({"msg": msg, **{k: v[0] for k, v in fields.items() if k != "msg"}})
                 self.answer(204)
 

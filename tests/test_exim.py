@@ -1,4 +1,5 @@
-"""The shipped Exim transport with a real Exim 4: one copy per recipient, queued (not bounced) in an outage."""
+"""The shipped Exim transport with a real Exim 4: one copy per recipient, queued (not bounced) in an outage
+or when the key is wrong."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, ROOT, free_port, server_env
+from conftest import KEY, OTHER_KEY, ROOT, free_port, server_env
 
 EXIM = (
     shutil.which("exim")
@@ -26,6 +27,8 @@ pytestmark = [
 ]
 
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else shutil.which("python3")
+# Exim also sets RECIPIENT; the transport must not need it, so gmail runs without it here.
+ENV = shutil.which("env") or "/usr/bin/env"
 
 
 class Exim:
@@ -38,14 +41,11 @@ class Exim:
             shutil.chown(root / name, EXIM_USER, EXIM_USER)
         self.envdir = root / "envdir"
         self.envdir.mkdir()
-        key = self.envdir / "GMAIL_SECRET_KEY"
-        key.write_bytes(KEY + b"\n")
-        key.chmod(0o640)
-        shutil.chown(key, group=EXIM_USER)
+        self.set_key(KEY)
         shutil.copy(ROOT / "gmail.py", root / "gmail")
         self.config = root / "exim.conf"
         self.config.write_text(
-            f"GMAIL_PIPE_COMMAND = {PYTHON} {root / 'gmail'} --envdir {self.envdir}\n"
+            f"GMAIL_PIPE_COMMAND = {ENV} -u RECIPIENT {PYTHON} {root / 'gmail'} --envdir {self.envdir}\n"
             f"primary_hostname = client.example\n"
             f"spool_directory = {root / 'spool'}\n"
             f"log_file_path = {root / 'log'}/%slog\n"
@@ -57,6 +57,12 @@ class Exim:
             f".include {ROOT / '50_exim4_config_gmail_pipe'}\n"
             "begin retry\n* * F,1d,1m\n"
         )
+
+    def set_key(self, key: bytes):
+        path = self.envdir / "GMAIL_SECRET_KEY"
+        path.write_bytes(key + b"\n")
+        path.chmod(0o640)
+        shutil.chown(path, group=EXIM_USER)
 
     def set_proxy_url(self, url: str):
         path = self.envdir / "GMAIL_PROXY_URL"
@@ -121,3 +127,27 @@ def test_outage_queues_then_each_recipient_gets_one_copy(exim, start_server, smt
     assert by_rcpt["ann@example.com"]["To"] == "Ann <ann@example.com>"
     assert by_rcpt["cc@example.com"]["Cc"] == "cc@example.com"
     assert "To" not in by_rcpt["hidden@example.com"] and "Cc" not in by_rcpt["hidden@example.com"]
+
+
+def test_wrong_key_is_deferred_not_bounced_then_delivered_once_fixed(exim, start_server, smtp_sink, tmp_path):
+    server = start_server(server_env(tmp_path, smtp_sink, keys=(OTHER_KEY,)))  # the proxy holds another key
+    exim.set_proxy_url(server.url)
+    result = exim.run("-odf", "-t", stdin=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    log = exim.log()
+    assert exim.queue_size() == 1, log  # deferred, and no bounce message was queued
+    assert "returned 78" in log and "** " not in log
+    assert "does not hold the secret key" in log  # gmail.py's line, in Exim's log (no key in it)
+    assert KEY.decode() not in log and OTHER_KEY.decode() not in log
+    assert smtp_sink.wait_for(1, timeout=0.5) == []
+
+    exim.set_key(OTHER_KEY)
+    result = exim.run("-qff")
+    assert result.returncode == 0, result.stderr
+    received = smtp_sink.wait_for(3)
+    assert exim.queue_size() == 0, exim.log()
+    assert sorted(r for env in received for r in env.rcpt_tos) == [
+        "ann@example.com",
+        "cc@example.com",
+        "hidden@example.com",
+    ]

@@ -110,6 +110,26 @@ def test_signature_table(mail_stub, options, body, status, reason, sent):
     assert len(mail_stub.sent) == sent
 
 
+MARKED = [
+    # (id, body, the ERROR_HEADER value: refusals of the client's setup are marked, others are not)
+    ("v1 wrong key", v1_form(key=b"wrong"), gmail.BAD_SIGNATURE),
+    ("v2 wrong key", v2_form(key=b"wrong"), gmail.BAD_SIGNATURE),
+    ("v2 fix_sender tampered", v2_form() + b"&fix_sender=true", gmail.BAD_SIGNATURE),
+    ("v2 expired", v2_form(timestamp=NOW - 301), gmail.CLOCK_SKEW),
+    ("v2 from the future", v2_form(timestamp=NOW + 301), gmail.CLOCK_SKEW),
+    ("timestamp not a number", v2_form(timestamp="soon"), None),
+    ("missing signature", urlencode({"msg": MSG}).encode(), None),
+    ("no recipients", v2_form(msg=make_message(To="").as_bytes()), None),
+]
+
+
+@pytest.mark.parametrize("body, marker", [c[1:] for c in MARKED], ids=[c[0] for c in MARKED])
+def test_refusals_of_the_setup_are_marked_for_clients(mail_stub, body, marker):
+    res = post(make(), body, 400)
+    assert res.headers.get(gmail.ERROR_HEADER) == marker
+    assert mail_stub.sent == []
+
+
 @pytest.mark.parametrize(
     "later, status, reason",
     [(200, 204, ""), (301, 400, "request expired")],
