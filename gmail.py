@@ -64,6 +64,7 @@ ENVDIR = "/etc/envdir"
 DEFAULT_TIMEOUT = 30.0
 MAX_SETTING_BYTES = 64 * 1024
 MAX_REASON_BYTES = 64 * 1024
+MAX_REPORT_BYTES = 1024 * 1024  # a /check report, which lists every attachment and problem
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 5.0
 REQUEST_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": f"gmail.py/{__version__}"}
@@ -456,6 +457,7 @@ class _Answer(NamedTuple):
     retry_after: float
     location: str
     error: str  # the ERROR_HEADER value: what kind of refusal this is
+    body: bytes = b""  # a 2xx answer's body (the /check report)
 
 
 class GmailProxy:
@@ -587,11 +589,34 @@ class GmailProxy:
                 return False
             raise
 
-    def send_signed(self, body: bytes) -> None:
+    def check(self, msg: Union[Message, bytes, str]) -> dict:
+        """Ask the proxy what sending `msg` would do (POST /check); return its report. Nothing is sent.
+
+        The report says whether it `would_send`, lists every refusal a send
+        would get under `problems`, and shows the sender, recipients, dropped
+        headers and attachments as the Mail API would deliver them.  Raises
+        MessageSendingFailure as send_mail does (fail_silently aside), for
+        instance a 400 for a wrong key.
+        """
+        raw = message_bytes(msg)
+        answer = self.send_signed(encode_form(raw, self.key, self.fix_sender, signature_v1=self.signature_v1), "check")
+        try:
+            report = json.loads(answer.body)
+        except ValueError:
+            report = None
+        if not isinstance(report, dict) or "would_send" not in report:
+            raise MessageSendingFailure(
+                f"the proxy at {self._endpoint.where} answered /check with {answer.status} but no report",
+                status=answer.status,
+            )
+        return report
+
+    def send_signed(self, body: bytes, route: str = "") -> _Answer:
         """POST a signed form body, trying each proxy URL in turn while failures are temporary.
 
         The URL that last worked is tried first next time.  A body over the
-        proxy's limit is refused here, before anything is sent.
+        proxy's limit is refused here, before anything is sent.  `route` is a
+        path below the proxy's URL ("check"); the default is the URL itself.
         """
         if len(body) > MAX_REQUEST_BYTES:
             raise MessageSendingFailure(_too_large(len(body)), status=413, reason="too large")
@@ -603,8 +628,7 @@ class GmailProxy:
                 self.close()
                 self._endpoint = endpoint
             try:
-                self._post(body)
-                return
+                return self._post(body, route)
             except MessageSendingFailure as exc:
                 if not exc.temporary:
                     raise
@@ -612,7 +636,7 @@ class GmailProxy:
         # Every URL failed: a setup problem is what the user can act on, so it wins.
         raise next((f for f in failures if isinstance(f, ConfigurationFailure)), failures[-1])
 
-    def _post(self, body: bytes) -> None:
+    def _post(self, body: bytes, route: str = "") -> _Answer:
         """POST the signed body to the current URL within one `timeout`; retry it once, unchanged,
         on a dropped connection or a 503 while time is left.
 
@@ -623,7 +647,7 @@ class GmailProxy:
         deadline = time.monotonic() + self.timeout
         for attempt in (1, 2):
             try:
-                answer = self._exchange(body, deadline)
+                answer = self._exchange(body, deadline, route)
             except DROPPED_CONNECTION as exc:
                 self.close()
                 if attempt == 1 and time.monotonic() < deadline:
@@ -638,19 +662,21 @@ class GmailProxy:
                 self.close()
                 raise MessageSendingFailure(f"could not reach the proxy at {where}: {_describe(exc)}") from exc
             if 200 <= answer.status < 300:
-                return
+                return answer
             if answer.status == 503 and attempt == 1:
                 pause = min(answer.retry_after, MAX_RETRY_AFTER_SECONDS)
                 if time.monotonic() + pause < deadline:
                     time.sleep(pause)
                     continue
-            raise self._failure(answer)
+            raise self._failure(answer, route)
+        raise AssertionError("the second attempt always returns or raises")
 
-    def _exchange(self, body: bytes, deadline: float) -> _Answer:
+    def _exchange(self, body: bytes, deadline: float, route: str = "") -> _Answer:
         conn = self._connection()
         conn.deadline.at = deadline
+        path = self._endpoint.path.rstrip("/") + "/" + route if route else self._endpoint.path
         try:
-            conn.request("POST", self._endpoint.path, body, REQUEST_HEADERS)
+            conn.request("POST", path, body, REQUEST_HEADERS)
         except DROPPED_CONNECTION:
             # A proxy may refuse a body from its Content-Length (413) and close before taking it
             # all: its answer is then waiting to be read, and it is what the user must see.
@@ -663,11 +689,11 @@ class GmailProxy:
             response.will_close = True
         else:
             response = conn.getresponse()
-        text = response.read(MAX_REASON_BYTES + 1)
-        if len(text) > MAX_REASON_BYTES or response.will_close:
+        text = response.read(MAX_REPORT_BYTES + 1)
+        if len(text) > MAX_REPORT_BYTES or response.will_close:
             self.close()
         if 200 <= response.status < 300:
-            return _Answer(response.status, "", 0.0, "", "")
+            return _Answer(response.status, "", 0.0, "", "", text[:MAX_REPORT_BYTES])
         return _Answer(
             response.status,
             _one_line(text[:MAX_REASON_BYTES].decode("utf-8", "replace"), 500),
@@ -676,7 +702,7 @@ class GmailProxy:
             _one_line(response.getheader(ERROR_HEADER) or "", 40).lower(),
         )
 
-    def _failure(self, answer: _Answer) -> MessageSendingFailure:
+    def _failure(self, answer: _Answer, route: str = "") -> MessageSendingFailure:
         """Say what a refusal means, and whether it is the message's fault or the setup's."""
         where, status, reason = self._endpoint.where, answer.status, answer.reason
         said = f"{status} {reason}".rstrip()
@@ -701,6 +727,10 @@ class GmailProxy:
                 f"{largest_attachment() >> 20} MiB in all fit its usual {MAX_REQUEST_BYTES >> 20} MiB limit",
                 status,
                 reason,
+            )
+        if status == 404 and route:
+            return MessageSendingFailure(
+                f"the proxy at {where} has no /{route} ({said}): it is older than this client", status, reason
             )
         return MessageSendingFailure(f"the proxy at {where} refused the message: {said}", status, reason)
 
@@ -1369,6 +1399,12 @@ def build_parser(personality: str = "gmail") -> argparse.ArgumentParser:
         "--fix-sender", action="store_true", help="let the proxy send from its default sender when the From is refused"
     )
     proxy.add_argument(
+        "--check",
+        action="store_true",
+        help="send nothing: print what the proxy would do with the message (exit 0 if it would send it, 65 if not)",
+    )
+    proxy.add_argument("--json", action="store_true", help="with --check: print the proxy's report as JSON")
+    proxy.add_argument(
         "--no-signature-v1",
         dest="signature_v1",
         action="store_false",
@@ -1550,6 +1586,10 @@ def _run(args, personality: str, stdin, environ: Mapping[str, str]) -> int:
         return _list(args.list_dir or spool_dir)
     if args.flush_dir is not None and (args.recipients or mail_mode or args.queue_dir):
         raise UsageError("--flush sends what is queued: give it no message, recipients or --queue")
+    if args.json and not args.check:
+        raise UsageError("--json goes with --check")
+    if args.check and (args.flush_dir is not None or args.queue_dir):
+        raise UsageError("--check sends nothing: give it no --flush or --queue")
     key = None
     if args.key_file:
         try:
@@ -1575,6 +1615,12 @@ def _run(args, personality: str, stdin, environ: Mapping[str, str]) -> int:
         with GmailProxy(**settings) as proxy:
             return _flush(spool, proxy, args.max_age * 86400)
     messages, fix_sender = _messages(args, personality, mail_mode, stdin, environ)
+    if args.check:
+        with GmailProxy(**settings, fix_sender=fix_sender) as proxy:
+            reports = [proxy.check(raw) for raw in messages]
+        for report in reports:
+            print(json.dumps(report, indent=2) if args.json else describe_report(report))
+        return EX_OK if all(report.get("would_send") for report in reports) else EX_DATAERR
     try:
         proxy = GmailProxy(**settings, fix_sender=fix_sender, queue_dir=spool_dir)
     except ConfigurationError as exc:
@@ -1610,6 +1656,28 @@ def _messages(args, personality: str, mail_mode: bool, stdin, environ: Mapping[s
     # sendmail gives a message without From one from the user; the proxy's default sender is the nearest.
     fix_sender = args.fix_sender or not _has_sender(raw)
     return [for_one_recipient(raw, recipient) for recipient in envelope] or [raw], fix_sender
+
+
+def describe_report(report: dict) -> str:
+    """A /check report as a person reads it."""
+    lines = [f"would send: {'yes' if report.get('would_send') else 'no'} (delivery: {report.get('delivery', '?')})"]
+    lines.append(f"from: {report.get('sender') or '(none)'}")
+    for kind, addresses in (report.get("recipients") or {}).items():
+        if addresses:
+            lines.append(f"{kind}: {', '.join(addresses)}")
+    if report.get("subject"):
+        lines.append(f"subject: {report['subject']}")
+    for attachment in report.get("attachments") or []:
+        lines.append(
+            f"attachment: {attachment.get('name')} ({attachment.get('content_type')}, {attachment.get('size')} bytes)"
+        )
+    if report.get("headers_dropped"):
+        lines.append(f"headers dropped: {', '.join(report['headers_dropped'])}")
+    for title in ("problems", "warnings", "notes"):
+        if report.get(title):
+            lines.append(f"{title}:")
+            lines.extend(f"  - {item}" for item in report[title])
+    return "\n".join(lines)
 
 
 def _said_queued(spool: Spool, name: str, why: Optional[BaseException]) -> None:

@@ -95,6 +95,20 @@ class GmailBackend(BaseEmailBackend):
                 self.close()
         return sent
 
+    def check(self, message) -> dict:
+        """Ask the proxy what sending `message` would do, without sending it (see the README's /check).
+
+        Returns the proxy's report: `would_send`, every `problems` a send would
+        meet, the sender, recipients, dropped headers and attachments.  Raises
+        gmail.MessageSendingFailure when the proxy cannot answer (fail_silently
+        is about sending, so it does not apply).
+        """
+        proxy = gmail.GmailProxy(
+            self.secret_key, self.proxy_url, fix_sender=self.fix_sender, fail_silently=False, timeout=self.timeout
+        )
+        with proxy:
+            return proxy.check(self.serialize(message))
+
     @staticmethod
     def serialize(message) -> bytes:
         """The bytes to send: Django's rendering plus a Bcc header, which the proxy delivers and removes."""

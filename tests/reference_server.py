@@ -78,6 +78,8 @@ class ReferenceServer:
                     self.close_connection = True  # the body is not read
                     return self.answer(413, f"request body over the {server.max_body}-byte limit")
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.split("?")[0] != "/":
+                    return self.answer(404, "not found")  # the documented interface is POST / alone
                 server.bodies.append(body)
                 if server.drop_times:
                     server.drop_times -= 1

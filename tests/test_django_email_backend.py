@@ -157,3 +157,16 @@ def test_django61_mailers_options(reference_server):
     with override_settings(MAILERS=mailers), mail.mailers["default"] as connection:
         sent = connection.send_messages([mail.EmailMessage("s", "b", "f@example.com", ["t@example.com"])])
     assert sent == 1 and reference_server.accepted[0]["fix_sender"] == "true"
+
+
+def test_check_reports_without_sending(proxy):
+    from django.core.mail import EmailMessage
+
+    message = EmailMessage("Hi", "Body", "from@example.com", ["to@example.com"], bcc=["hidden@example.com"])
+    message.attach("run.exe", b"MZ", "application/octet-stream")
+    report = GmailBackend().check(message)
+    assert report["would_send"] is False and any(".exe" in problem for problem in report["problems"])
+    assert report["recipients"]["bcc"] == ["hidden@example.com"]
+    message.attachments = []
+    assert GmailBackend().check(message)["would_send"] is True
+    assert proxy.sink.received == []

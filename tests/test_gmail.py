@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -721,3 +722,39 @@ def test_https_deadline_and_certificate_check(lone_client, clean_env, self_signe
         assert trusted.returncode == 75 and b"timed out" in trusted.stderr and server.requests == 1
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- --check
+
+
+def test_check_prints_the_report_and_sends_nothing(smtp_server, tmp_path, clean_env):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY.decode())
+    common = ["--url", smtp_server.url, "--key-file", str(key_file), "--check"]
+
+    def cli(args, stdin):
+        result = run_cli(ROOT / "gmail.py", args, clean_env, stdin)
+        return subprocess.CompletedProcess(
+            result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
+        )
+
+    good = cli([*common, "-s", "Report", "-r", "me@example.com", "you@example.com"], b"hello\n")
+    assert good.returncode == 0, good.stderr
+    assert "would send: yes (delivery: smtp)" in good.stdout and "to: you@example.com" in good.stdout
+    exe = tmp_path / "setup.exe"
+    exe.write_bytes(b"MZ")
+    bad = cli([*common, "--json", "-a", str(exe), "-r", "me@example.com", "you@example.com"], b"hi\n")
+    assert bad.returncode == 65, bad.stderr
+    report = json.loads(bad.stdout)
+    assert report["would_send"] is False and ".exe" in report["problems"][0]
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-key-0123456789")
+    refused = cli(["--url", smtp_server.url, "--key-file", str(wrong), "--check", "you@example.com"], b"hi\n")
+    assert refused.returncode == 78 and refused.stdout == ""
+    assert smtp_server.sink.received == []
+
+
+def test_check_against_a_proxy_without_it_says_so(reference_server):
+    proxy = gmail.GmailProxy(KEY, reference_server.url)
+    with pytest.raises(gmail.MessageSendingFailure, match=r"has no /check .*older than this client"):
+        proxy.check(readme_message())
