@@ -180,7 +180,10 @@ def verify_request(form, keys, window: int = REPLAY_WINDOW_SECONDS, *, now: Opti
         raise RequestNotVerified(f"the request was signed {when}; requests are valid for {window} s")
     if isinstance(keys, (str, bytes)):
         keys = [keys]
-    candidates = [key.encode("utf-8") if isinstance(key, str) else bytes(key) for key in keys]
+    # Keys as clients read them: outer whitespace (a file's line end) is not part of a key.
+    candidates = [(key.encode("utf-8") if isinstance(key, str) else bytes(key)).strip() for key in keys]
+    if not candidates or not all(candidates):
+        raise ValueError("verify_request needs keys, and a blank key would let anyone sign")
     expected = [sign_v2(key, stamp.decode("ascii"), False, msg).encode("ascii") for key in candidates]
     if not any([hmac.compare_digest(digest, signature) for digest in expected]):  # every key, always
         raise RequestNotVerified("the signature does not match under any of the keys")
@@ -337,7 +340,11 @@ def message_bytes(msg: Union[Message, bytes, bytearray, str]) -> bytes:
 
 
 class Endpoint:
-    """One proxy URL, split for http.client; `where` is its host:port for error lines."""
+    """One proxy URL, split for http.client; `where` is its host:port for error lines.
+
+    A query (a gateway's token, say) is sent with every request; error lines
+    never show it.
+    """
 
     def __init__(self, url: str, source: str = "GMAIL_PROXY_URL"):
         try:
@@ -345,12 +352,25 @@ class Endpoint:
             port = parts.port
         except ValueError:
             parts = None
+        shown = _without_secrets(url)
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigurationError(f"{source} must hold http:// or https:// URLs, not {url!r}")
+            raise ConfigurationError(f"{source} must hold http:// or https:// URLs, not {shown!r}")
+        if not url.isascii():
+            raise ConfigurationError(f"{source} must be written in ASCII (percent-encode the rest), not {shown!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigurationError(f"{source} must not hold a user or password ({shown!r})")
         self.url, self.scheme, self.host, self.port = url, parts.scheme, parts.hostname, port
         self.path = parts.path or "/"
+        self.query = parts.query
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.where = f"{host}:{port or (443 if self.scheme == 'https' else 80)}"
+
+
+def _without_secrets(url: str) -> str:
+    """A URL as an error line may show it: no user, password or query."""
+    head, _, _ = url.partition("?")
+    scheme, sep, rest = head.partition("://")
+    return scheme + sep + rest.rpartition("@")[2] if sep else head
 
 
 def parse_proxy_urls(text: str, source: str = "GMAIL_PROXY_URL") -> list:
@@ -674,7 +694,9 @@ class GmailProxy:
     def _exchange(self, body: bytes, deadline: float, route: str = "") -> _Answer:
         conn = self._connection()
         conn.deadline.at = deadline
-        path = self._endpoint.path.rstrip("/") + "/" + route if route else self._endpoint.path
+        endpoint = self._endpoint
+        path = endpoint.path.rstrip("/") + "/" + route if route else endpoint.path
+        path += "?" + endpoint.query if endpoint.query else ""
         try:
             conn.request("POST", path, body, REQUEST_HEADERS)
         except DROPPED_CONNECTION:
@@ -1619,7 +1641,7 @@ def _run(args, personality: str, stdin, environ: Mapping[str, str]) -> int:
         with GmailProxy(**settings, fix_sender=fix_sender) as proxy:
             reports = [proxy.check(raw) for raw in messages]
         for report in reports:
-            print(json.dumps(report, indent=2) if args.json else describe_report(report))
+            _print(json.dumps(report, indent=2) if args.json else describe_report(report))
         return EX_OK if all(report.get("would_send") for report in reports) else EX_DATAERR
     try:
         proxy = GmailProxy(**settings, fix_sender=fix_sender, queue_dir=spool_dir)
@@ -1656,6 +1678,12 @@ def _messages(args, personality: str, mail_mode: bool, stdin, environ: Mapping[s
     # sendmail gives a message without From one from the user; the proxy's default sender is the nearest.
     fix_sender = args.fix_sender or not _has_sender(raw)
     return [for_one_recipient(raw, recipient) for recipient in envelope] or [raw], fix_sender
+
+
+def _print(text: str) -> None:
+    """Print what the proxy sent back, whatever the terminal's encoding (never a traceback)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def describe_report(report: dict) -> str:

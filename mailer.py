@@ -238,7 +238,8 @@ class Mailer:
     def _send_message(self, msg: bytes, fix_sender: bool, key: bytes) -> dict:
         outgoing = Outgoing(parse_message(msg), self.max_recipients)
         sender = choose_sender(outgoing, fix_sender, self.default_sender)
-        check_sender_allowed(key, address_of(sender))
+        for identity in outgoing.identities(sender):
+            check_sender_allowed(key, identity)
         try:
             self._deliver(outgoing, sender, outgoing.reply_to)
         except UnauthorizedSender:
@@ -286,6 +287,9 @@ class Mailer:
     def handle_bounce(self, environ: dict) -> Handled:
         if not on_app_engine():
             raise Forbidden("bounce notifications are taken only on App Engine, from App Engine itself")
+        raw_path = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "/_ah/bounce").split("?")[0]
+        if raw_path != "/_ah/bounce":  # app.yaml's login: admin guards this spelling of the path, no other
+            raise NotFound("not found: the proxy serves /, /check and /_ah/bounce")
         report = bounce.report(bounce.read_notification(environ, self.max_body))
         if not self.bounce_url:
             return "bounce", bounce.describe(report) + " (GMAIL_BOUNCE_URL is not set: logged only)", {}, None
@@ -358,8 +362,18 @@ def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path
         # On App Engine many instances serve one proxy: only memcache is shared by all.
         replay_store=MemcacheReplayStore() if on_app_engine(environ) else InProcessReplayStore(),
         max_recipients=int(number_setting(environ, "GMAIL_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS, whole=True)),
-        bounce_url=environ.get("GMAIL_BOUNCE_URL", "").strip() or None,
+        bounce_url=_bounce_url(environ),
     )
+
+
+def _bounce_url(environ: Mapping[str, str]) -> Optional[str]:
+    """GMAIL_BOUNCE_URL, checked: a bad one stops the server with one line (exit 78)."""
+    url = environ.get("GMAIL_BOUNCE_URL", "").strip()
+    problem = bounce.check_url(url) if url else None
+    if problem:
+        print(f"mailer.py: {problem}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG)
+    return url or None
 
 
 def for_app_engine(application: Mailer) -> Callable:

@@ -20,7 +20,7 @@ import logging
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
-from typing import Mapping
+from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
 import gmail
@@ -53,9 +53,19 @@ def read_notification(environ: Mapping, limit: int) -> mail.BounceNotification:
 
 
 def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
-    """Fields of a multipart/form-data body, read with the stdlib email parser (cgi is gone in 3.13)."""
+    """Fields of a multipart/form-data body, read with the stdlib email parser (cgi is gone in 3.13).
+
+    App Engine's form has about a dozen fields: a form of many more is not
+    App Engine's and is refused before the parser builds them all.
+    """
     head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
-    form = BytesParser(policy=policy.compat32).parsebytes(head + body)
+    boundary = content_type.partition("boundary=")[2].split(";")[0].strip().strip('"').encode("latin-1", "replace")
+    if not boundary or body.count(b"--" + boundary) > MAX_FORM_FIELDS * 2:
+        raise BadRequest("a bounce notification is a form of a few fields")
+    try:
+        form = BytesParser(policy=policy.compat32).parsebytes(head + body)
+    except RecursionError:
+        raise BadRequest("a bounce notification is a form of a few fields, not parts inside parts") from None
     parts = form.get_payload()
     if not form.is_multipart() or not isinstance(parts, list):
         raise BadRequest("a multipart/form-data body without parts")
@@ -90,6 +100,17 @@ def _text(value) -> str:
     return str(value or "")
 
 
+def check_url(url: str) -> Optional[str]:
+    """What is wrong with GMAIL_BOUNCE_URL, or None: checked at start-up, so a send never finds out."""
+    if "," in url or len(url.split()) != 1:
+        return "GMAIL_BOUNCE_URL must be one URL (percent-encode commas and spaces in it)"
+    try:
+        gmail.Endpoint(url, "GMAIL_BOUNCE_URL")
+    except gmail.ConfigurationError as problem:  # its text shows the URL without user, password or query
+        return str(problem)
+    return None
+
+
 def forward(bounce: dict, url: str, key: bytes, timeout: float = FORWARD_TIMEOUT) -> None:
     """POST the bounce to `url`, signed; ServiceUnavailable (so that App Engine retries) if it is not taken."""
     msg = json.dumps(bounce, ensure_ascii=True, sort_keys=True).encode("ascii")
@@ -97,8 +118,12 @@ def forward(bounce: dict, url: str, key: bytes, timeout: float = FORWARD_TIMEOUT
     try:
         with gmail.GmailProxy(key, url, timeout=timeout) as receiver:
             receiver.send_signed(body)
-    except (gmail.MessageSendingFailure, gmail.ConfigurationError) as failure:
+    except gmail.MessageSendingFailure as failure:
         raise ServiceUnavailable(f"the bounce could not be forwarded to {where(url)}: {failure}") from None
+    except (gmail.ConfigurationError, ValueError, OSError) as failure:  # never quote the URL: it may hold a token
+        raise ServiceUnavailable(
+            f"the bounce could not be forwarded to {where(url)} ({type(failure).__name__})"
+        ) from None
 
 
 def where(url: str) -> str:

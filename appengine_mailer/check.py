@@ -13,7 +13,7 @@ import io
 import zipfile
 from typing import Optional
 
-from .convert import Outgoing, address_of, choose_sender
+from .convert import Outgoing, address_of, choose_sender, without_surrogates
 from .errors import HTTPError, http_error_for_send_failure
 from .fastparse import parse_message
 from .sdk import mail
@@ -66,7 +66,18 @@ def dry_run(
     report["warnings"] += _warnings(report["sender"], outgoing)
     report["notes"].append(_sender_note(delivery))
     report["would_send"] = not problems
-    return report
+    return _printable(report)
+
+
+def _printable(value):
+    """The report with every string free of lone surrogates, so any JSON reader and terminal take it."""
+    if isinstance(value, str):
+        return without_surrogates(value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(item) for item in value]
+    return value
 
 
 def _sender(
@@ -74,7 +85,8 @@ def _sender(
 ) -> Optional[str]:
     try:
         sender = choose_sender(outgoing, fix_sender, default_sender)
-        check_sender_allowed(key, address_of(sender))
+        for identity in outgoing.identities(sender):
+            check_sender_allowed(key, identity)
     except HTTPError as refusal:
         problems.append(refusal.reason)
         return None
@@ -127,8 +139,19 @@ def _warnings(sender: Optional[str], outgoing: Outgoing) -> list[str]:
 
 
 def _executable_in_archive(data: bytes) -> Optional[str]:
-    """The first entry of a zip archive with an executable extension, if `data` is one."""
+    """The first entry of a zip archive with an executable extension, if `data` is one.
+
+    zipfile reads the whole central directory before anything else, so the
+    number of entries is read first from the end record, and a zip with more
+    than MAX_ARCHIVE_ENTRIES is not opened.
+    """
     if not data.startswith(b"PK\x03\x04"):
+        return None
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))
+    if end == -1 or len(data) < end + 22:
+        return None
+    entries = int.from_bytes(data[end + 10 : end + 12], "little")
+    if entries > MAX_ARCHIVE_ENTRIES:  # 0xFFFF: a ZIP64 archive, larger still
         return None
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:

@@ -59,12 +59,23 @@ def header_text(value) -> str:
     return " ".join(_read_8bit(value).split())
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_surrogates(text: str) -> str:
+    """`text` with lone surrogates (which some codecs, utf-7 among them, let through) made U+FFFD.
+
+    Such text cannot be encoded for sending, nor printed, nor read back from JSON everywhere.
+    """
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
 def _decoded_words(text: str) -> str:
     """Decode the RFC 2047 encoded words in `text`, leaving everything else as it is."""
     if "=?" not in text:
         return text
     try:
-        return str(make_header(decode_header(text)))
+        return without_surrogates(str(make_header(decode_header(text))))
     except (LookupError, UnicodeError, ValueError, MessageError):
         # A malformed encoded word, or one naming a charset that does not exist
         # (CharsetError): shown as it came, as mail clients do.
@@ -93,7 +104,7 @@ def _leniently_decoded_words(text: str) -> str:
         except (binascii.Error, ValueError):
             return word[0]
         try:
-            return data.decode(charset or "latin-1", "replace")
+            return without_surrogates(data.decode(charset or "latin-1", "replace"))
         except LookupError:
             return data.decode("latin-1")
 
@@ -133,7 +144,7 @@ def _decode_text(part: Message) -> str:
     charset = part.get_content_charset()
     if charset and charset not in ("us-ascii", "ascii"):
         try:
-            text = data.decode(charset, "replace")
+            text = without_surrogates(data.decode(charset, "replace"))
         except LookupError:
             raise BadRequest(f"unknown charset {charset!r} in a {part.get_content_type()} part") from None
     else:
@@ -293,6 +304,14 @@ class Outgoing:
         if self._problems is None:
             raise refusal
         self._problems.append(refusal.reason)
+
+    def identities(self, sender: str) -> list[str]:
+        """Every address the message would be sent as: the sender, and any Resent-From or On-Behalf-Of."""
+        claimed = [address_of(sender)]
+        for header in ("Resent-From", "On-Behalf-Of"):
+            if header in self.headers:
+                claimed += [spec for _, spec in email.utils.getaddresses([self.headers[header]]) if spec]
+        return claimed
 
     @property
     def recipient_count(self) -> int:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .settings import Key, key_fingerprint, parse_key_line, parse_keys
+from .settings import Key, key_fingerprint, key_lines, parse_key_line, parse_keys
 
 EX_USAGE, EX_DATAERR, EX_NOINPUT = 64, 65, 66
 
@@ -68,17 +68,23 @@ def keys_command(args: argparse.Namespace) -> int:
 
 
 def manage_keys(action: str, path: Path, fingerprint: Optional[str] = None, senders: Sequence[str] = ()) -> int:
-    """`keys new|list|retire`: manage the key file so keys rotate without refusing a message."""
-    keys = parse_keys(path.read_text(encoding="utf-8")) if path.is_file() else []
+    """`keys new|list|retire`: manage the key file so keys rotate without refusing a message.
+
+    The file is rewritten line by line: a line the server cannot read (and
+    ignores, with a warning) is kept as it is, never silently deleted.
+    """
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    lines = [line.encode("utf-8") for line in key_lines(text) if line.strip()]
+    keys = parse_keys(text)
     if senders and action != "new":
         print("mailer.py: --sender goes with `keys new`", file=sys.stderr)
         return EX_USAGE
     if action == "new":
         key = parse_key_line(" ".join([new_key().decode("ascii"), *senders]))
-        if key is None:
+        if key is None or any(not sender.strip() for sender in senders):
             print(f"mailer.py: each --sender must be an address or @domain, not {list(senders)}", file=sys.stderr)
             return EX_USAGE
-        write_key_file(path, [*keys, key])
+        write_key_file(path, [*lines, key.line()])
         scope = f"may send only as {', '.join(key.senders)}" if key.senders else "may send as anyone"
         print(
             f"added key {key_fingerprint(key)} to {path} ({len(keys) + 1} valid; it {scope}); give it to clients:\n"
@@ -104,6 +110,6 @@ def manage_keys(action: str, path: Path, fingerprint: Optional[str] = None, send
         if len(keys) == 1:
             print("mailer.py: refusing to retire the only key: add a new one first (`keys new`)", file=sys.stderr)
             return EX_DATAERR
-        write_key_file(path, [k for k in keys if k is not matches[0]])
+        write_key_file(path, [line for line in lines if parse_key_line(line.decode("utf-8")) != matches[0]])
         print(f"retired key {key_fingerprint(matches[0])}; {len(keys) - 1} valid key(s) left in {path}")
     return 0

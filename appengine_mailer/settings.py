@@ -53,8 +53,9 @@ _SENDER = re.compile(rf"(?:[^@\s]+)?@{_LABEL}(?:\.{_LABEL})*")  # a@example.org,
 class Key(bytes):
     """A shared secret, and the senders it may send as: full addresses or @domain (none listed: anyone).
 
-    A bytes subclass, so a Key signs and compares as its secret does; its repr
-    shows only the fingerprint, so a key never lands in a log or traceback.
+    A bytes subclass, so a Key signs and compares as its secret does; its repr,
+    str and format show only the fingerprint, so a key never lands in a log,
+    an error message or a traceback.
     """
 
     senders: tuple[str, ...]
@@ -74,31 +75,57 @@ class Key(bytes):
     def __repr__(self) -> str:
         return f"Key({key_fingerprint(self)}, senders={list(self.senders)})"
 
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return format(repr(self), spec)
+
     def line(self) -> bytes:
         """The key as a line of a key file."""
         return b" ".join([bytes(self), *(sender.encode("ascii") for sender in self.senders)])
 
 
-def parse_key_line(line: str) -> Optional[Key]:
-    """Read "KEY [SENDER ...]"; None (and a warning) when a sender is neither an address nor @domain.
+def parse_key_line(line: str, number: int = 0) -> Optional[Key]:
+    """Read "KEY [SENDER ...]"; None (and a warning) for a line that cannot be read safely.
 
-    A line whose scope cannot be read is refused whole: it must never send as anyone.
+    A line whose scope cannot be read is refused whole: it must never send as
+    anyone.  So is a "key" that looks like a sender (a scope wrapped onto a
+    line of its own would otherwise become a key that may send as anyone).
     """
     secret, *senders = line.split()
+    where = f"line {number} of the keys" if number else "a key"
+    if secret.startswith("@") or (_SENDER.fullmatch(secret) and "." in secret.rpartition("@")[2]):
+        log.warning("%s is ignored: its key looks like an address; a line is KEY, then its senders", where)
+        return None
     key = Key(secret.encode("utf-8"), senders)
     bad = [sender for sender in senders if not (sender.isascii() and _SENDER.fullmatch(sender))]
     if bad:
-        log.warning("key %s is ignored: %r is neither an address nor @domain", key_fingerprint(key), bad[0])
+        log.warning(
+            "%s (key %s) is ignored: %r is neither an address nor @domain (keys hold no spaces)",
+            where,
+            key_fingerprint(key),
+            bad[0][:100],
+        )
         return None
     return key
 
 
+def key_lines(text: str) -> list[str]:
+    """The lines of a key file: split at line feeds only (str.splitlines() also splits at \\x85, \\x0c,
+    U+2028..., which would cut a key from its senders)."""
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
 def parse_keys(text: Optional[str]) -> list[Key]:
-    """Split a key file into keys: one per line, blank lines and outer whitespace ignored."""
-    if not text:
-        return []
-    keys = (parse_key_line(line) for line in text.splitlines() if line.strip())
-    return [key for key in keys if key is not None]
+    """Split a key file into keys: one per line, blank lines and outer whitespace ignored, repeats refused."""
+    keys: list[Key] = []
+    for number, line in enumerate(key_lines(text or ""), 1):
+        key = parse_key_line(line, number) if line.strip() else None
+        if key is not None and key in keys:
+            log.warning("line %d of the keys is ignored: the same key is on an earlier line", number)
+        elif key is not None:
+            keys.append(key)
+    return keys
 
 
 @functools.lru_cache(maxsize=256)

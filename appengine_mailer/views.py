@@ -3,8 +3,10 @@
 The proxy forwards each App Engine bounce notification to GMAIL_BOUNCE_URL,
 signed with signature v2 under its first key.  Point that URL at this view
 (it needs no CSRF token: the signature is the proof), and connect to
-appengine_mailer.signals.bounce_received.  The key checked is the one the
-GmailBackend sends with: EMAIL_APPENGINE_SECRET_KEY, else SECRET_KEY.
+appengine_mailer.signals.bounce_received.  The proxy signs with its first key;
+the view checks EMAIL_APPENGINE_BOUNCE_KEYS (a list: give it the old and the new
+key while keys rotate), else the key GmailBackend sends with,
+EMAIL_APPENGINE_SECRET_KEY, else SECRET_KEY.
 """
 
 from __future__ import annotations
@@ -26,18 +28,31 @@ from .signals import bounce_received
 @require_POST
 def bounce(request: HttpRequest) -> HttpResponse:
     """Verify a forwarded bounce and send `bounce_received`; 403 for anything the proxy did not sign."""
-    key = getattr(settings, "EMAIL_APPENGINE_SECRET_KEY", None) or getattr(settings, "SECRET_KEY", None)
-    if not key:
-        raise ImproperlyConfigured("appengine_mailer.views.bounce needs EMAIL_APPENGINE_SECRET_KEY (or SECRET_KEY)")
+    keys = (
+        getattr(settings, "EMAIL_APPENGINE_BOUNCE_KEYS", None)
+        or getattr(settings, "EMAIL_APPENGINE_SECRET_KEY", None)
+        or getattr(settings, "SECRET_KEY", None)
+    )
+    if not keys or (not isinstance(keys, (str, bytes)) and not all(str(key).strip() for key in keys)):
+        raise ImproperlyConfigured(
+            "appengine_mailer.views.bounce needs EMAIL_APPENGINE_BOUNCE_KEYS, EMAIL_APPENGINE_SECRET_KEY or SECRET_KEY"
+        )
     try:
-        report = json.loads(gmail.verify_request(request.POST, key))
+        msg = gmail.verify_request(request.POST, keys)
     except gmail.RequestNotVerified as refusal:
         return HttpResponse(f"{refusal}\n", status=403, content_type="text/plain; charset=utf-8")
-    except ValueError:
+    except ValueError as problem:  # a blank key: the setting, not the request
+        raise ImproperlyConfigured(f"appengine_mailer.views.bounce: {problem}") from None
+    try:
+        report = json.loads(msg)
+    except (ValueError, RecursionError):
+        report = None
+    if not (
+        isinstance(report, dict)
+        and report.get("event") == "bounce"
+        and isinstance(report.get("original"), dict)
+        and isinstance(report.get("notification"), dict)
+    ):
         return HttpResponse("msg is not a bounce report\n", status=400, content_type="text/plain; charset=utf-8")
-    if not isinstance(report, dict) or report.get("event") != "bounce":
-        return HttpResponse("msg is not a bounce report\n", status=400, content_type="text/plain; charset=utf-8")
-    bounce_received.send(
-        sender=bounce, bounce=report, original=report.get("original", {}), notification=report.get("notification", {})
-    )
+    bounce_received.send(sender=bounce, bounce=report, original=report["original"], notification=report["notification"])
     return HttpResponse(status=204)

@@ -179,3 +179,94 @@ def test_verify_request_refuses_what_the_proxy_did_not_sign(change, reason):
     assert gmail.verify_request(form, [OTHER_KEY, KEY]) == msg
     with pytest.raises(gmail.RequestNotVerified, match=reason):
         gmail.verify_request({**form, **change}, KEY)
+
+
+def test_the_receivers_query_token_is_sent_and_never_shown(start_server, tmp_path):
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            self.send_response(204 if "token=t0ken" in self.path else 403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{receiver.server_port}/bounces?token=t0ken"
+        server = start_server(on_app_engine(tmp_path, GMAIL_BOUNCE_URL=url))
+        assert post_bounce(server.url) == (204, "")
+        assert seen == ["/bounces?token=t0ken"]
+        server.stop()
+        assert "t0ken" not in "".join(server.log_lines)
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+
+
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("https://user:s3cret@example.com/bounces", "must not hold a user or password"),
+        ("ftp://example.com/x?token=s3cret", "must hold http:// or https:// URLs"),
+        ("https://example.com/a?tags=a,b&token=s3cret", "must be one URL"),
+        ("https://example.com/bounces/\u00e9?token=s3cret", "ASCII"),
+    ],
+)
+def test_a_bad_bounce_url_stops_the_server_with_one_line_without_its_secrets(tmp_path, url, problem):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "mailer.py"), "--port", "0"],
+        env=on_app_engine(tmp_path, GMAIL_BOUNCE_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78 and problem in result.stderr
+    assert "s3cret" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def bounce_app(monkeypatch, mail_stub):
+    import webtest
+
+    import mailer
+
+    monkeypatch.setenv("GAE_ENV", "standard")
+    return webtest.TestApp(mailer.make_app([KEY]))
+
+
+@pytest.mark.parametrize("raw_path", ["/_ah/%62ounce", "/_ah%2Fbounce", "/%5Fah/bounce"])
+def test_only_the_spelling_app_yaml_guards_is_a_bounce(monkeypatch, mail_stub, raw_path):
+    body, content_type = bounce_form()
+    res = bounce_app(monkeypatch, mail_stub).post(
+        "/_ah/bounce", body, content_type=content_type, extra_environ={"RAW_URI": raw_path}, status=404
+    )
+    assert "not found" in res.text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % n for n in range(5000))
+        + b"--b--\r\n",
+        (
+            b'--b\r\nContent-Disposition: form-data; name="raw-message"\r\n'
+            + b"Content-Type: multipart/mixed; boundary=n\r\n\r\n--n\r\n" * 3000
+        ),
+    ],
+    ids=["many parts", "parts inside parts"],
+)
+def test_hostile_forms_are_400_not_500(monkeypatch, mail_stub, body):
+    res = bounce_app(monkeypatch, mail_stub).post(
+        "/_ah/bounce", body, content_type="multipart/form-data; boundary=b", status="*"
+    )
+    assert res.status_int in (204, 400), res.text

@@ -156,3 +156,42 @@ def test_check_against_the_real_server_sends_nothing(start_server, smtp_sink, tm
     server.stop()
     assert smtp_sink.received == []
     assert not (tmp_path / "outbox").exists() or not any((tmp_path / "outbox" / "new").iterdir())
+
+
+@pytest.mark.parametrize("header", ["Resent-From", "On-Behalf-Of"])
+def test_a_scoped_key_cannot_claim_another_sender_in_other_headers(app, mail_stub, header):
+    msg = make_message(From="app@example.com", **{header.replace("-", "_"): "CEO <ceo@example.com>"})
+    res = app.post("/", form(msg.as_bytes(), SCOPED_KEY), content_type="application/x-www-form-urlencoded", status=403)
+    assert "may not send as 'ceo@example.com'" in res.text
+    assert check(app, msg, key=SCOPED_KEY).json["would_send"] is False
+    assert mail_stub.sent == []
+
+
+def test_check_and_send_agree_on_text_a_codec_cannot_encode(app, mail_stub):
+    raw = b"From: a@example.com\r\nTo: b@example.com\r\nContent-Type: text/plain; charset=utf-7\r\n\r\n+2AA-\r\n"
+    assert check(app, raw).json["would_send"] is True
+    app.post("/", form(raw), content_type="application/x-www-form-urlencoded", status=204)
+    assert mail_stub.sent[0].TextBody.strip() == "\ufffd"
+
+
+def test_the_report_is_plain_unicode_whatever_the_message_holds(app):
+    raw = (
+        b"From: a@example.com\r\nTo: b@example.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B"
+        b"\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n--B\r\nContent-Type: application/x\xff\xfe\r\n"
+        b'Content-Disposition: attachment; filename="a.bin"\r\n\r\ndata\r\n--B--\r\n'
+    )
+    text = check(app, raw).text
+    text.encode("utf-8")  # no lone surrogates: any terminal or JSON reader takes it
+    assert "\\udc" not in text
+
+
+def test_an_archive_with_too_many_entries_is_not_opened(app):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for number in range(1200):
+            archive.writestr(f"f{number}.txt", b"")
+        archive.writestr("setup.exe", b"MZ")
+    msg = make_message()
+    msg.add_attachment(buffer.getvalue(), "application", "zip", filename="many.zip")
+    report = check(app, msg).json
+    assert report["would_send"] is True and not any("executable" in w for w in report["warnings"])

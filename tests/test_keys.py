@@ -15,7 +15,7 @@ import webtest
 
 import mailer
 from appengine_mailer.keys import write_key_file
-from appengine_mailer.settings import Key, KeyFile, key_fingerprint, keys_from_environment
+from appengine_mailer.settings import Key, KeyFile, key_fingerprint, keys_from_environment, parse_keys
 from conftest import KEY, form, server_env
 from test_mailer import make_message
 from test_mailer_e2e import post as post_text
@@ -233,3 +233,33 @@ def test_fingerprints_are_slow_to_test_guesses_against(caplog):
 
     assert key_fingerprint(b"short") != hashlib.sha256(b"short").hexdigest()[:12]
     assert key_fingerprint(b"short") == key_fingerprint(Key(b"short", ["@x.org"]))
+
+
+def test_key_lines_split_at_line_feeds_only_and_a_sender_is_never_a_key(caplog):
+    text = (
+        "Hx3-key-for-the-shop-0123456789abc  orders@shop.example\n"
+        "                                     @news.shop.example\n"  # a scope wrapped onto its own line
+        "KEY2-0123456789abcdefgh\x85crm@example.com\n"  # \x85 and friends are spaces, not line ends
+        "KEY2-0123456789abcdefgh\n"  # the same key again, unscoped: refused
+    )
+    keys = parse_keys(text)
+    assert [k.senders for k in keys] == [("orders@shop.example",), ("crm@example.com",)]
+    assert "looks like an address" in caplog.text and "same key is on an earlier line" in caplog.text
+
+
+def test_keys_commands_keep_lines_the_server_cannot_read(deployment):
+    key_file = deployment / "keys" / "GMAIL_SECRET_KEY"
+    key_file.parent.mkdir()
+    key_file.write_text("legacy key with spaces 0123\nkept-key-0123456789abcdef\n")
+    assert keys_cli(deployment, "new").returncode == 0
+    lines = key_file.read_text().splitlines()
+    assert lines[:2] == ["legacy key with spaces 0123", "kept-key-0123456789abcdef"] and len(lines) == 3
+    assert keys_cli(deployment, "retire", key_fingerprint(b"kept-key-0123456789abcdef")).returncode == 0
+    assert key_file.read_text().splitlines()[0] == "legacy key with spaces 0123"
+    assert keys_cli(deployment, "new", "--sender", "").returncode == 64
+
+
+def test_a_key_never_shows_its_secret_as_text():
+    key = Key(b"super-secret-0123456789", ["a@x.org"])
+    for shown in (str(key), f"{key}", "%s" % key, repr(key), str(ValueError(key))):  # noqa: UP031
+        assert "super-secret" not in shown and key_fingerprint(key) in shown

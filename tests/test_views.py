@@ -93,3 +93,28 @@ def live_django():
     yield f"http://127.0.0.1:{server.server_port}/"
     server.shutdown()
     server.server_close()
+
+
+@pytest.mark.parametrize(
+    "msg",
+    ["[" * 100_000, json.dumps({"event": "bounce", "original": "x", "notification": {}}), "not json"],
+)
+def test_a_signed_msg_that_is_not_a_report_is_400(received, msg):
+    fields = gmail.sign_request(msg.encode(), DJANGO_SECRET.encode(), False, signature_v1=False)
+    form = {"msg": msg, "timestamp": fields["timestamp"], "signature_v2": fields["signature_v2"]}
+    assert Client().post("/mail/bounces/", form).status_code == 400
+    assert received == []
+
+
+def test_keys_read_from_files_and_rotation(received):
+    with override_settings(EMAIL_APPENGINE_SECRET_KEY="key-read-from-a-file-0123\n"):
+        assert Client().post("/mail/bounces/", signed_form(REPORT, "key-read-from-a-file-0123")).status_code == 204
+    with override_settings(EMAIL_APPENGINE_BOUNCE_KEYS=["old-key-0123456789abcd", "new-key-0123456789abcd"]):
+        assert Client().post("/mail/bounces/", signed_form(REPORT, "old-key-0123456789abcd")).status_code == 204
+
+
+@pytest.mark.parametrize("keys", ["", b"", [""], ["", "real-key-0123456789"], "  "])
+def test_verify_request_refuses_blank_keys(keys):
+    form = signed_form(REPORT, "")
+    with pytest.raises(ValueError, match="blank key"):
+        gmail.verify_request(form, keys)
