@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import gmail
 from appengine_mailer import keys, serve
+from appengine_mailer.admission import DEFAULT_MAX_INFLIGHT_MB, MB, Admission
 from appengine_mailer.convert import Outgoing
 from appengine_mailer.delivery import configure_delivery, delivery_mode
 from appengine_mailer.errors import (
@@ -42,7 +43,7 @@ from appengine_mailer.errors import (
     http_error_for_send_failure,
 )
 from appengine_mailer.fastparse import parse_message
-from appengine_mailer.form import MAX_BODY_BYTES, flag, parse_form, read_body
+from appengine_mailer.form import MAX_BODY_BYTES, body_size, flag, parse_form, read_body
 from appengine_mailer.sdk import mail_errors
 from appengine_mailer.settings import (
     DEFAULT_MAX_RECIPIENTS,
@@ -83,6 +84,7 @@ class Mailer:
         require_signature_v2: bool = False,
         replay_window: int = gmail.REPLAY_WINDOW_SECONDS,
         replay_store: Optional[ReplayStore] = None,
+        admission: Optional[Admission] = None,
         clock: Callable[[], float] = time.time,
     ):
         self.keys = [k if isinstance(k, bytes) else k.encode("utf-8") for k in keys]
@@ -92,6 +94,7 @@ class Mailer:
         self.require_signature_v2 = require_signature_v2
         self.replay_window = replay_window
         self.replay_store = replay_store if replay_store is not None else InProcessReplayStore()
+        self.admission = admission if admission is not None else Admission(DEFAULT_MAX_INFLIGHT_MB * MB)
         self.clock = clock
 
     def __call__(self, environ: dict, start_response: Callable):
@@ -146,7 +149,8 @@ class Mailer:
                 f"content type {content_type or 'missing'!r}: send application/x-www-form-urlencoded"
             )
         try:
-            self.send(parse_form(read_body(environ, self.max_body)))
+            with self.admission.admit(body_size(environ, self.max_body)):  # 503 when too much is in flight
+                self.send(parse_form(read_body(environ, self.max_body)))
         except HTTPError as err:
             log.info("refused: %s (%s) Content-Length=%r", err.status, err.reason, environ.get("CONTENT_LENGTH"))
             raise
@@ -242,12 +246,12 @@ def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path
         # On App Engine many instances serve one proxy: only memcache is shared by all.
         replay_store=MemcacheReplayStore() if on_app_engine(environ) else InProcessReplayStore(),
         max_recipients=int(number_setting(environ, "GMAIL_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS)),
+        admission=Admission(int(number_setting(environ, "GMAIL_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB) * MB)),
     )
 
 
-def _module_app():
-    """The app gunicorn and `python mailer.py` serve, wrapped for the bundled services on App Engine."""
-    application = app_from_environment()
+def for_app_engine(application: Mailer) -> Callable:
+    """Wrap the app for the bundled services (the Mail API) when running on App Engine."""
     if on_app_engine():
         from google.appengine.api import wrap_wsgi_app
 
@@ -255,16 +259,16 @@ def _module_app():
     return application
 
 
-app = _module_app()
+app = for_app_engine(app_from_environment())  # what `python mailer.py` serves, and any WSGI server
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python mailer.py [--host H] [--port P]` serves the app; `python mailer.py keys ...` manages keys."""
+    """`python mailer.py [--host H] [--port P] [--threads N] ...` serves the app; `python mailer.py keys ...` manages keys."""
     args = serve.build_parser(HERE).parse_args(argv)
     if args.command == "keys":
         return keys.keys_command(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    application = app
+    application = app if isinstance(app, Mailer) else app_from_environment()
     key_file = keys.default_key_file(HERE)
     if not application.keys and args.create_dev_key:
         keys.write_key_file(key_file, [keys.new_key()])
@@ -284,7 +288,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         return line + ("\n" + serve.try_it_text(HERE, args.host, port, key_file) if args.create_dev_key else "")
 
-    return serve.serve(application, args.host, args.port, banner)
+    return serve.serve(
+        for_app_engine(application),
+        args.host,
+        args.port,
+        banner,
+        threads=args.threads,
+        connection_limit=args.connection_limit,
+        timeout=args.timeout,
+        max_body=application.max_body,
+    )
 
 
 if __name__ == "__main__":

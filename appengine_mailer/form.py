@@ -23,8 +23,8 @@ _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _FORM_TO_QP = bytes.maketrans(b"+%", b" =")
 
 
-def read_body(environ: Mapping, limit: int) -> bytes:
-    """Read the request body, refusing it from Content-Length before reading anything."""
+def body_size(environ: Mapping, limit: int) -> int:
+    """The request body's size from Content-Length, refused (411, 400, 413) before anything is read."""
     length = environ.get("CONTENT_LENGTH", "")
     if not length:
         raise LengthRequired("a POST needs a Content-Length header")
@@ -33,6 +33,16 @@ def read_body(environ: Mapping, limit: int) -> bytes:
     size = int(length)
     if size > limit:
         raise PayloadTooLarge(f"request body of {size} bytes is over the {limit}-byte limit")
+    return size
+
+
+def read_body(environ: Mapping, limit: int) -> bytes:
+    """Read the request body, refusing it from Content-Length before reading anything.
+
+    Servers that buffer the body (waitress: in memory, or a temporary file
+    past 512 KB) usually hand it over in one read.
+    """
+    size = body_size(environ, limit)
     stream = environ["wsgi.input"]
     body = stream.read(size) if size else b""
     if len(body) == size:  # the usual case: no second copy of the body
