@@ -263,7 +263,7 @@ app = for_app_engine(app_from_environment())  # what `python mailer.py` serves, 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python mailer.py [--host H] [--port P] [--threads N] ...` serves the app; `python mailer.py keys ...` manages keys."""
+    """`python mailer.py [--host H] [--port P] ...` serves the app; `python mailer.py keys ...` manages keys."""
     args = serve.build_parser(HERE).parse_args(argv)
     if args.command == "keys":
         return keys.keys_command(args)

@@ -84,4 +84,3 @@ class Admission:
             finally:
                 self._queue.remove(ticket)
                 self._changed.notify_all()  # the next in line may fit now
-

@@ -8,13 +8,14 @@ package cannot make sense of is the client's 400, never a 500.
 
 from __future__ import annotations
 
+import codecs
 import email.utils
 import mimetypes
 import re
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.message import Message
-from typing import Iterable, Optional, cast
+from typing import Iterable, Optional, Union, cast
 
 from .delivery import RenderedEmailMessage
 from .errors import BadRequest, HTTPError
@@ -23,6 +24,8 @@ from .sdk import mail
 
 _ADDR_SPEC = re.compile(r"[!-~]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?\.?")
 _TEXT_CHARSETS_TRIED = ("utf-8", "latin-1")
+_UTF8_NAMES = (None, "us-ascii", "ascii", "utf-8", "utf8")  # charsets whose text is read as UTF-8 first
+_TEXT_SLICE = 8192
 # Blank, only commas, or an empty group such as "undisclosed-recipients:;".
 _EMPTY_ADDRESS_LIST = re.compile(r"[\s,]*(?:[^:;<>@\"]*:\s*;[\s,]*)?")
 _ALLOWED_HEADERS = {name.lower(): name for name in mail.HEADER_WHITELIST}
@@ -77,9 +80,8 @@ def _addresses(message: Message, header: str) -> list[str]:
     return found
 
 
-def _decode_text(part: Message) -> str:
+def _decode_text(part: Message, data: bytes) -> str:
     """Decode a text part with its declared charset (8-bit bytes with none: UTF-8, else latin-1)."""
-    data = decode_payload(part)
     charset = part.get_content_charset()
     if charset and charset not in ("us-ascii", "ascii"):
         try:
@@ -92,6 +94,41 @@ def _decode_text(part: Message) -> str:
         except UnicodeDecodeError:
             continue
     raise AssertionError("latin-1 decodes any bytes")
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Whether `data` is valid UTF-8, decoded a slice at a time so no str of its size is built."""
+    if data.isascii():
+        return True
+    view = memoryview(data)
+    at = 0
+    try:
+        while at < len(view):
+            stop = at + _TEXT_SLICE
+            at += codecs.utf_8_decode(view[at:stop], "strict", stop >= len(view))[1]  # a split character waits
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def text_body(part: Message) -> Union[bytes, str]:
+    """A text part as the Mail API stores it: _decode_text()'s text, as UTF-8 bytes.
+
+    Most mail is UTF-8 (or ASCII) already: then its bytes are what encoding the
+    decoded text would give, and they are passed on as they came, without a
+    str of their size (up to four bytes a character).  Text that UTF-8 cannot
+    encode (lone surrogates, which a few codecs produce) stays str, so sending
+    refuses it as it always did.
+    """
+    data = decode_payload(part)
+    if part.get_content_charset() in _UTF8_NAMES and _is_utf8(data):
+        return data
+    text = _decode_text(part, data)
+    del data
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text
 
 
 def _attachment_name(part: Message, name: Optional[str], index: int) -> str:
@@ -117,7 +154,7 @@ def _leaf_parts(message: Message) -> Iterable[Message]:
 
 
 def _bodies_and_attachments(message: Message) -> tuple[dict, list]:
-    bodies: dict[str, str] = {}
+    bodies: dict[str, Union[bytes, str]] = {}
     attachments: list = []
     for part in _leaf_parts(message):
         kind = part.get_content_type()
@@ -125,7 +162,7 @@ def _bodies_and_attachments(message: Message) -> tuple[dict, list]:
         body_field = _BODY_FIELDS.get(kind)
         is_attachment = bool(filename) or part.get_content_disposition() == "attachment"
         if body_field and body_field not in bodies and not is_attachment and "Content-ID" not in part:
-            bodies[body_field] = _decode_text(part)
+            bodies[body_field] = text_body(part)
             continue
         if kind == "message/rfc822" or kind.startswith("multipart/"):
             payload = part.get_payload()
@@ -144,7 +181,7 @@ def _bodies_and_attachments(message: Message) -> tuple[dict, list]:
                 content_id = f"<{content_id}>"
         attachments.append(mail.Attachment(name, data, content_id=content_id or None))
     if not bodies:
-        bodies["body"] = ""
+        bodies["body"] = b""
     return bodies, attachments
 
 

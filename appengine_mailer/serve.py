@@ -15,7 +15,7 @@ import argparse
 import resource
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
@@ -58,10 +58,14 @@ class _RequestParser(HTTPRequestParser):
     closes, so a client like curl never sends the 33 MB.
     """
 
+    error: Optional[Error]  # waitress's, set when the request is refused
+
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
         if isinstance(self.error, RequestEntityTooLarge):
-            self.error = BodyTooLarge(self.content_length or self.body_bytes_received, self.adj.max_request_body_size - 1)
+            self.error = BodyTooLarge(
+                self.content_length or self.body_bytes_received, self.adj.max_request_body_size - 1
+            )
         if self.error is not None:
             self.expect_continue = False
         return consumed
@@ -177,8 +181,8 @@ def serve(
     except OSError as exc:
         print(f"mailer.py: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return EX_OSERR
-    server.channel_class = _Channel  # type: ignore[attr-defined]
-    print(banner(server.effective_port), flush=True)  # type: ignore[union-attr]
+    server.channel_class = _Channel
+    print(banner(server.effective_port), flush=True)
     try:
         server.run()
     except KeyboardInterrupt:
