@@ -16,7 +16,7 @@ from email import policy
 from email.feedparser import FeedParser
 from email.message import Message
 from email.parser import BytesParser
-from typing import Optional
+from typing import Optional, cast
 
 from .errors import BadRequest
 
@@ -28,7 +28,8 @@ MAX_PARTS = 500
 MIN_CUT_BYTES = 8 * 1024  # below this, cutting costs more than the parse it saves
 MAX_HEADER_BLOCK = 64 * 1024
 PARSER_CHUNK = 8192  # what email.parser.Parser reads and feeds at a time
-_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=\r\n]")
+_BASE64_LINE_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
+_CHECK_SLICE = 64 * 1024
 _NOT_PADDING = re.compile(rb"[^=\r\n]")
 _UUENCODE = ("x-uuencode", "uuencode", "uue", "x-uue")
 
@@ -58,7 +59,7 @@ def parse_message(raw: bytes) -> Message:
         raise BadRequest("msg is binary data, not an RFC 2822 message")
     try:
         skeleton, cuts = cut_bodies(raw)
-        message = feed_parse(skeleton)
+        message = feed_parse(skeleton, keeps_bodies=bool(cuts))
         if cuts and not restore_cut_bodies(message, raw, cuts):
             message = feed_parse(raw)
     except Exception as exc:  # the parser has no error type of its own
@@ -73,16 +74,17 @@ def parse_message(raw: bytes) -> Message:
     return message
 
 
-def feed_parse(raw: bytes) -> Message:
+def feed_parse(raw: bytes, keeps_bodies: bool = False) -> Message:
     """stdlib_parse() making the same calls, without its copies of the whole message.
 
     BytesParser decodes all of `raw` to one str (ASCII, undecodable bytes as
     surrogates: one character per byte) and reads it through a StringIO, which
     holds four bytes per character, 8192 characters at a time.  Decoding each
     8192-byte slice gives exactly those 8192 characters, so the FeedParser gets
-    the very same feed() calls.
+    the very same feed() calls.  With keeps_bodies the parts are Parts, ready
+    to keep cut bodies (plain Messages are a little faster to walk).
     """
-    parser = FeedParser(Part, policy=RAW_HEADERS)
+    parser = FeedParser(policy=_RAW_HEADERS_PARTS if keeps_bodies else RAW_HEADERS)
     for at in range(0, len(raw), PARSER_CHUNK):
         parser.feed(raw[at : at + PARSER_CHUNK].decode("ascii", "surrogateescape"))
     return parser.close()
@@ -162,44 +164,54 @@ class Pending:
 class Part(Message):
     """The parse's Message: a part may keep its large bodies in the raw bytes until its text is read.
 
-    Reading `_payload` (get_payload(), the generators, anything) builds the
-    exact text first; decode_payload() reads the bytes without building it.
+    Such a part has no `_payload` attribute but a `pending` one; the first read
+    of `_payload` (get_payload(), the generators, anything) builds the exact
+    text and stores it, as the stdlib parse would have.  decode_payload() reads
+    the bytes instead while the text is not built.
     """
 
     pending: Optional[Pending] = None
 
-    @property
-    def _payload(self):
-        if self.pending is not None:
-            self.__dict__["_payload_text"] = self.pending.text()
-            self.pending = None
-        return self.__dict__["_payload_text"]
+    def __getattr__(self, name: str):  # only called for what the instance lacks
+        pending = self.__dict__.get("pending")
+        if name != "_payload" or pending is None:
+            raise AttributeError(name)
+        self.__dict__["_payload"] = text = pending.text()
+        return text
 
-    @_payload.setter
-    def _payload(self, value) -> None:
-        self.pending = None
-        self.__dict__["_payload_text"] = value
+    def keep_pending(self, pending: Pending) -> None:
+        """Hold `pending` instead of the skeleton's payload text."""
+        self.pending = pending
+        del self.__dict__["_payload"]
+
+    def pending_body(self) -> Optional[Pending]:
+        """The Pending payload, if its text has not been built (or replaced) since."""
+        return None if "_payload" in self.__dict__ else self.pending
 
     def is_multipart(self) -> bool:
-        return self.pending is None and super().is_multipart()
+        return isinstance(self.__dict__.get("_payload"), list)  # a pending payload is text
 
 
 def _body_start(raw: bytes, start: int) -> int:
     """Offset just after the first blank line at or after `start` (a header block's end), or -1."""
     limit = start + MAX_HEADER_BLOCK
-    found = [at + len(blank) for blank in (b"\n\n", b"\n\r\n") if (at := raw.find(blank, start, limit)) != -1]
+    lf = raw.find(b"\n\n", start, limit)
+    crlf = raw.find(b"\n\r\n", start, limit if lf == -1 else lf + 2)  # only where it would come first
+    found = [at + length for at, length in ((lf, 2), (crlf, 3)) if at != -1]
     return min(found) if found else -1
 
 
 def _next_dashes_line(raw: bytes, start: int) -> int:
-    """Offset of the first line at or after `start` that begins with "--" (where a boundary can be), or len(raw)."""
-    if raw.startswith(b"--", start):
-        return start
-    after_lf = raw.find(b"\n--", start)
-    stop = len(raw) if after_lf == -1 else after_lf
-    after_cr = raw.find(b"\r--", start, stop + 1)  # a lone CR ends a line too
-    found = [at + 1 for at in (after_lf, after_cr) if at != -1]
-    return min(found) if found else len(raw)
+    """Offset of the first line at or after `start` that begins with "--" (where a boundary can be), or len(raw).
+
+    Each '-' is found by memchr and looked at; base64 has none, and prose few.
+    """
+    at = start
+    while (dash := raw.find(b"-", at)) != -1:
+        if raw.startswith(b"-", dash + 1) and (dash == start or raw[dash - 1] in b"\r\n"):
+            return dash
+        at = dash + 1
+    return len(raw)
 
 
 def cut_bodies(raw: bytes) -> tuple[bytes, dict[str, Cut]]:
@@ -259,7 +271,7 @@ def restore_cut_bodies(message: Message, raw: bytes, cuts: dict[str, Cut]) -> bo
                 return False
             found.append((at, len(token), cuts[token]))
             at = payload.find(prefix, at + len(token))
-        part.pending = Pending(payload, found)  # type: ignore[attr-defined]
+        cast(Part, part).keep_pending(Pending(payload, found))
         restored += len(found)
     return restored == len(cuts)
 
@@ -276,7 +288,7 @@ def decode_payload(part: Message) -> bytes:
     what the stdlib would have to repair).  Everything else builds the text
     and asks the stdlib.
     """
-    pending = getattr(part, "pending", None)
+    pending = part.pending_body() if isinstance(part, Part) else None
     if pending is not None:
         cte = str(part.get("content-transfer-encoding", "")).lower()
         data, start, stop = pending.data()
@@ -294,8 +306,9 @@ def decode_payload(part: Message) -> bytes:
 
 def _plain_base64(data: bytes, start: int, stop: int) -> Optional[bytes]:
     """a2b_base64 of data[start:stop] when that is what the stdlib's decoder gives, else None."""
-    if _NOT_BASE64.search(data, start, stop):
-        return None
+    for at in range(start, stop, _CHECK_SLICE):  # only base64 lines: checked a slice at a time, in C
+        if data[at : min(stop, at + _CHECK_SLICE)].translate(None, _BASE64_LINE_BYTES):
+            return None
     first_pad = data.find(b"=", start, stop)
     if first_pad != -1 and (_NOT_PADDING.search(data, first_pad, stop) or data.count(b"=", first_pad, stop) > 2):
         return None
@@ -303,6 +316,9 @@ def _plain_base64(data: bytes, start: int, stop: int) -> Optional[bytes]:
         return binascii.a2b_base64(memoryview(data)[start:stop])
     except binascii.Error:
         return None
+
+
+_RAW_HEADERS_PARTS = RAW_HEADERS.clone(message_factory=Part)
 
 
 # ---------------------------------------------------------------------------

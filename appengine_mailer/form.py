@@ -114,7 +114,7 @@ def _decode_in_slices(body: bytes, start: int, end: int, slice_bytes: int) -> Op
     escape is whole and valid inside its slice, and the slices' decodings
     joined are the decoding of the whole.
     """
-    out = io.BytesIO()
+    out = None
     at = start
     while at < end:
         stop = min(end, at + max(slice_bytes, 3))
@@ -127,9 +127,12 @@ def _decode_in_slices(body: bytes, start: int, end: int, slice_bytes: int) -> Op
         decoded = binascii.a2b_qp(piece.translate(_FORM_TO_QP))
         if len(decoded) != len(piece) - 2 * piece.count(b"%"):
             return None
+        if stop == end and out is None:  # the value fits in one slice
+            return decoded
+        out = out or io.BytesIO()
         out.write(decoded)
         at = stop
-    return out.getvalue()
+    return out.getvalue() if out is not None else b""
 
 
 def flag(form: Mapping[str, bytes], name: str) -> bool:

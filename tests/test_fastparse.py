@@ -81,7 +81,7 @@ def outcome(function, part):
 
 
 def cut_was_taken(raw: bytes) -> bool:
-    return any(getattr(part, "pending", None) is not None for part in parse_message(raw).walk())
+    return any(part.pending_body() is not None for part in parse_message(raw).walk())
 
 
 def b64_lines(data: bytes, width: int = 76, newline: bytes = b"\n") -> bytes:
