@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 from .errors import ServiceUnavailable
 
 MB = 1024 * 1024
-DEFAULT_MAX_INFLIGHT_MB = 48  # see bench/README.md, "Admission control"
+DEFAULT_MAX_INFLIGHT_MB = 48  # what app.yaml's F2 layout holds with margin: bench/README.md, "Admission control"
 DEFAULT_WAIT_SECONDS = 3.0
 RETRY_AFTER_SECONDS = 2
 

@@ -13,7 +13,8 @@ import webtest
 from google.appengine.api import appinfo, wrap_wsgi_app
 
 import mailer
-from appengine_mailer import serve
+from appengine_mailer import admission, serve
+from appengine_mailer import form as form_module
 from conftest import KEY, ROOT, form
 from test_mailer import make_message
 
@@ -130,3 +131,18 @@ def test_key_files_never_enter_git():
     if result.returncode == 128:
         pytest.skip("not a git checkout")
     assert result.returncode == 0
+
+
+INSTANCE_MEMORY_MB = {"F1": 384, "F2": 768, "F4": 1536, "F4_1G": 3072}
+BASELINE_MB, PEAK_PER_BODY_BYTE = 40, 5.2  # measured: bench/README.md, "Admission control"
+
+
+def test_app_yaml_layout_fits_its_instance_with_margin():
+    """Every request App Engine sends gets a thread, and the worst case fits in 80% of the instance."""
+    info = load_app_yaml()
+    args = serve.build_parser(ROOT).parse_args([word.replace("$PORT", "8080") for word in entrypoint_words()[2:]])
+    concurrent = int(info.automatic_scaling.max_concurrent_requests)
+    assert args.threads == concurrent
+    in_flight = max(admission.DEFAULT_MAX_INFLIGHT_MB, form_module.MAX_BODY_BYTES // admission.MB)
+    worst = BASELINE_MB + in_flight * PEAK_PER_BODY_BYTE + concurrent * form_module.MAX_BODY_BYTES // admission.MB
+    assert worst <= 0.8 * INSTANCE_MEMORY_MB[info.instance_class]
