@@ -12,6 +12,7 @@ byte of it is read, even when the client asked for `Expect: 100-continue`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ DEFAULT_CONNECTION_LIMIT = 1000
 DEFAULT_TIMEOUT = 30  # seconds a client may stay silent, idle or mid-request
 MAX_HEADER_BYTES = 64 * 1024  # a real request's headers take a few hundred bytes
 FILES_PER_CONNECTION = 2  # its socket, and the temporary file of a large body
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed
 
 
 class BodyTooLarge(Error):
@@ -149,6 +152,22 @@ def _open_files_for(connections: int) -> int:
     return max(1, min(connections, (soft - 64) // FILES_PER_CONNECTION))
 
 
+def return_large_blocks_when_freed() -> bool:
+    """Have glibc give every block over 128 KB back to the system as soon as it is freed; True if it could.
+
+    By default glibc raises this threshold (up to 32 MB) each time a large block
+    is freed, after which blocks of a message's size are carved from per-thread
+    heaps that are seldom given back: after a burst worked on by several threads
+    the process keeps each thread's peak (six 20 MB messages one after the
+    other left 400 MB resident instead of 70).  Fixing the threshold keeps the
+    memory a message took only while it is worked on.
+    """
+    try:
+        return ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def serve(
     application: Callable,
     host: str,
@@ -161,6 +180,7 @@ def serve(
     max_body: int = MAX_BODY_BYTES,
 ) -> int:
     """Serve `application` with waitress until interrupted; `banner(port)` is printed once listening."""
+    return_large_blocks_when_freed()
     usable = _open_files_for(connection_limit)
     if usable < connection_limit:
         print(f"mailer.py: open-file limit allows only {usable} connections, not {connection_limit}", file=sys.stderr)
