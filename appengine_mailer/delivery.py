@@ -253,11 +253,11 @@ def send_smtp(message: mail.EmailMessage, environ: Optional[Mapping[str, str]] =
                 server.login(user, password)
             server.sendmail(fields.sender, recipients, data)
     except smtplib.SMTPAuthenticationError as e:
-        raise mail_errors.InvalidSenderError(f"SMTP authentication failed: {e.smtp_error!r}") from None
+        raise mail_errors.InvalidSenderError(f"SMTP authentication failed: {e.smtp_error!r}") from e
     except (smtplib.SMTPException, OSError) as e:
-        raise mail_errors.Error(f"Failed to send email via SMTP: {e}") from None
+        raise mail_errors.Error(f"Failed to send email via SMTP: {e}") from e
     except KeyError as e:
-        raise mail_errors.Error(f"Missing required SMTP environment variable: {e}") from None
+        raise mail_errors.Error(f"Missing required SMTP environment variable: {e}") from e
 
 
 class StreamingSMTP(smtplib.SMTP):
