@@ -32,6 +32,7 @@ import gmail
 
 try:
     from appengine_mailer import bounce, keys, logs, relay, serve
+    from appengine_mailer.admission import DEFAULT_MAX_INFLIGHT_MB, MB, Admission
     from appengine_mailer.check import dry_run
     from appengine_mailer.convert import Outgoing, address_of, choose_sender, default_sender_or_refuse
     from appengine_mailer.delivery import configure_delivery, delivery_mode
@@ -47,7 +48,7 @@ try:
         http_error_for_send_failure,
     )
     from appengine_mailer.fastparse import parse_message
-    from appengine_mailer.form import MAX_BODY_BYTES, flag, parse_form, read_body
+    from appengine_mailer.form import MAX_BODY_BYTES, body_size, flag, parse_form, read_body
     from appengine_mailer.settings import (
         DEFAULT_MAX_RECIPIENTS,
         EX_CONFIG,
@@ -104,6 +105,7 @@ class Mailer:
         replay_window: int = gmail.REPLAY_WINDOW_SECONDS,
         replay_store: Optional[ReplayStore] = None,
         bounce_url: Optional[str] = None,
+        admission: Optional[Admission] = None,
         clock: Callable[[], float] = time.time,
     ):
         self._keys = keys
@@ -114,6 +116,7 @@ class Mailer:
         self.replay_window = replay_window
         self.replay_store = replay_store if replay_store is not None else InProcessReplayStore()
         self.bounce_url = bounce_url
+        self.admission = admission if admission is not None else Admission(DEFAULT_MAX_INFLIGHT_MB * MB)
         self.clock = clock
         self._routes = {"/": self.handle_send, "/check": self.handle_check, "/_ah/bounce": self.handle_bounce}
 
@@ -135,7 +138,8 @@ class Mailer:
                 return self._respond(start_response, "200 OK", self.health(), "application/json", method)
             if method != "POST":
                 raise MethodNotAllowed(f"method {method[:20]!r} is not allowed: POST to {path}")
-            verdict, note, fields, report = handler(environ)
+            with self.admission.admit(body_size(environ, self.max_body)):  # 503 when too much is in flight
+                verdict, note, fields, report = handler(environ)
         except HTTPError as err:
             failed = err.status.startswith("5")
             _log_outcome(
@@ -363,6 +367,7 @@ def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path
         replay_store=MemcacheReplayStore() if on_app_engine(environ) else InProcessReplayStore(),
         max_recipients=int(number_setting(environ, "GMAIL_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS, whole=True)),
         bounce_url=_bounce_url(environ),
+        admission=Admission(int(number_setting(environ, "GMAIL_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB) * MB)),
     )
 
 
@@ -387,11 +392,11 @@ def for_app_engine(application: Mailer) -> Callable:
 
 logs.configure()
 proxy = app_from_environment()  # the Mailer itself, for its settings
-app = for_app_engine(proxy)  # what gunicorn, waitress and `python mailer.py` serve
+app = for_app_engine(proxy)  # what `python mailer.py` (waitress) or any WSGI server serves
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python mailer.py [--host H] [--port P]` serves the app; `python mailer.py keys ...` manages keys."""
+    """`python mailer.py [--host H] [--port P] ...` serves the app; `python mailer.py keys ...` manages keys."""
     args = serve.build_parser(HERE).parse_args(argv)
     if args.command == "keys":
         return keys.keys_command(args)
@@ -415,7 +420,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         return line + ("\n" + serve.try_it_text(HERE, args.host, port, key_file) if args.create_dev_key else "")
 
-    return serve.serve(for_app_engine(application), args.host, args.port, banner)
+    return serve.serve(
+        for_app_engine(application),
+        args.host,
+        args.port,
+        banner,
+        threads=args.threads,
+        connection_limit=args.connection_limit,
+        timeout=args.timeout,
+        max_body=application.max_body,
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ package cannot make sense of is the client's 400, never a 500.
 from __future__ import annotations
 
 import binascii
+import codecs
 import email.utils
 import mimetypes
 import re
@@ -17,7 +18,7 @@ from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from functools import partial
-from typing import Callable, Iterable, Optional, TypeVar, cast
+from typing import Callable, Iterable, Optional, TypeVar, Union, cast
 
 from .delivery import RenderedEmailMessage
 from .errors import BadRequest, HTTPError
@@ -25,6 +26,8 @@ from .fastparse import decode_payload, simple_addresses
 from .sdk import mail
 
 _ADDR_SPEC = re.compile(r"[!-~]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?\.?")
+_UTF8_NAMES = (None, "us-ascii", "ascii", "utf-8", "utf8")  # charsets whose text is read as UTF-8 first
+_TEXT_SLICE = 8192
 # Blank, only commas, or an empty group such as "undisclosed-recipients:;".
 _EMPTY_ADDRESS_LIST = re.compile(r"[\s,]*(?:[^:;<>@\"]*:\s*;[\s,]*)?")
 _ALLOWED_HEADERS = {name.lower(): name for name in mail.HEADER_WHITELIST}
@@ -138,9 +141,8 @@ def _addresses(message: Message, header: str) -> list[str]:
     return found
 
 
-def _decode_text(part: Message) -> str:
+def _decode_text(part: Message, data: bytes) -> str:
     """Decode a text part with its declared charset (8-bit bytes with none: UTF-8, else latin-1)."""
-    data = decode_payload(part)
     charset = part.get_content_charset()
     if charset and charset not in ("us-ascii", "ascii"):
         try:
@@ -152,9 +154,14 @@ def _decode_text(part: Message) -> str:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             text = data.decode("latin-1")  # decodes any bytes
-    if "\x00" in text:  # an SMTP server may cut the message there
-        raise BadRequest(f"a {part.get_content_type()} part holds a NUL character; send binary data as an attachment")
+    if "\x00" in text:
+        raise _nul_in(part)
     return text
+
+
+def _nul_in(part: Message) -> BadRequest:
+    """The refusal of a text part holding a NUL, where an SMTP server may cut the message."""
+    return BadRequest(f"a {part.get_content_type()} part holds a NUL character; send binary data as an attachment")
 
 
 # Invisible characters that reorder what a reader sees ("evil\u202etxt.exe" shows as "evilexe.txt").
@@ -164,6 +171,43 @@ _BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u20
 def _is_control(char: str) -> bool:
     """A character no file name should hold: C0/C1 controls (a tab from folding aside) and bidi controls."""
     return char in _BIDI_CONTROLS or (char != "\t" and unicodedata.category(char) == "Cc")
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Whether `data` is valid UTF-8, decoded a slice at a time so no str of its size is built."""
+    if data.isascii():
+        return True
+    view = memoryview(data)
+    at = 0
+    try:
+        while at < len(view):
+            stop = at + _TEXT_SLICE
+            at += codecs.utf_8_decode(view[at:stop], "strict", stop >= len(view))[1]  # a split character waits
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def text_body(part: Message) -> Union[bytes, str]:
+    """A text part as the Mail API stores it: _decode_text()'s text, as UTF-8 bytes.
+
+    Most mail is UTF-8 (or ASCII) already: then its bytes are what encoding the
+    decoded text would give, and they are passed on as they came, without a
+    str of their size (up to four bytes a character).  Text that UTF-8 cannot
+    encode (lone surrogates, which a few codecs produce) stays str, so sending
+    refuses it as it always did.
+    """
+    data = decode_payload(part)
+    if part.get_content_charset() in _UTF8_NAMES and _is_utf8(data):
+        if b"\x00" in data:
+            raise _nul_in(part)
+        return data
+    text = _decode_text(part, data)
+    del data
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text
 
 
 def _attachment_name(part: Message, name: Optional[str], index: int) -> str:
@@ -208,14 +252,14 @@ def _leaf_parts(message: Message) -> Iterable[Message]:
         yield message
 
 
-def _add_part(part: Message, bodies: dict[str, str], attachments: list) -> None:
+def _add_part(part: Message, bodies: dict[str, Union[bytes, str]], attachments: list) -> None:
     """Add one leaf part: the first plain and HTML bodies are the message's; everything else is attached."""
     kind = part.get_content_type()
     filename = part.get_filename()
     body_field = _BODY_FIELDS.get(kind)
     is_attachment = bool(filename) or part.get_content_disposition() == "attachment"
     if body_field and body_field not in bodies and not is_attachment and "Content-ID" not in part:
-        bodies[body_field] = _decode_text(part)
+        bodies[body_field] = text_body(part)
         return
     if kind == "message/rfc822" or kind.startswith("multipart/"):
         _check_names_inside(part)
@@ -272,13 +316,13 @@ class Outgoing:
         self.subject = self._try(lambda: decode_words(subject, "the Subject"), "") if subject is not None else ""
         no_headers: tuple[dict[str, str], list[str]] = ({}, [])
         self.headers, self.headers_dropped = self._try(lambda: _passed_headers(message), no_headers)
-        self.bodies: dict[str, str] = {}
+        self.bodies: dict[str, Union[bytes, str]] = {}
         self.attachments: list = []
         no_parts: list[Message] = []
         for part in self._try(lambda: list(_leaf_parts(message)), no_parts):
             self._try(partial(_add_part, part, self.bodies, self.attachments), None)
         if not self.bodies:
-            self.bodies["body"] = ""
+            self.bodies["body"] = b""
         count = self.recipient_count
         if count == 0:
             self._refuse(BadRequest("message has no recipients in To, Cc or Bcc"))
@@ -319,7 +363,7 @@ class Outgoing:
 
     def to_email_message(self, sender: str, reply_to: Optional[str]) -> RenderedEmailMessage:
         # The SDK refuses an empty HTML body (ValueError); a blank text body it takes.
-        bodies = {field: text for field, text in self.bodies.items() if text or field == "body"} or {"body": ""}
+        bodies = {field: text for field, text in self.bodies.items() if text or field == "body"} or {"body": b""}
         fields: dict = {"sender": sender, "subject": self.subject, **bodies}
         fields.update({h.lower(): v for h, v in self.recipients.items() if v})
         if reply_to:

@@ -7,8 +7,9 @@ client's exact bytes (8-bit and non-UTF-8 included), so values stay bytes here.
 from __future__ import annotations
 
 import binascii
+import io
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 from urllib.parse import unquote_to_bytes
 
 import gmail
@@ -18,6 +19,7 @@ from .settings import FALSE_WORDS, TRUE_WORDS
 
 MAX_BODY_BYTES = gmail.MAX_REQUEST_BYTES  # App Engine's own request size cap, which clients check too
 MAX_FORM_FIELDS = 16
+FORM_SLICE = 16 * 1024  # decoded a slice at a time: a few of these are the only copies besides the value
 
 _PRINTABLE_ASCII = bytes(range(0x21, 0x7F))  # what any urlencoder emits
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
@@ -25,8 +27,8 @@ _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _FORM_TO_QP = bytes.maketrans(b"+%", b" =")
 
 
-def read_body(environ: Mapping, limit: int) -> bytes:
-    """Read the request body, refusing it from Content-Length before reading anything."""
+def body_size(environ: Mapping, limit: int) -> int:
+    """The request body's size from Content-Length, refused (411, 400, 413) before anything is read."""
     length = environ.get("CONTENT_LENGTH", "")
     if not length:
         raise LengthRequired("a POST needs a Content-Length header")
@@ -35,6 +37,16 @@ def read_body(environ: Mapping, limit: int) -> bytes:
     size = int(length)
     if size > limit:
         raise PayloadTooLarge(f"request body of {size} bytes is over the {limit}-byte limit")
+    return size
+
+
+def read_body(environ: Mapping, limit: int) -> bytes:
+    """Read the request body, refusing it from Content-Length before reading anything.
+
+    Servers that buffer the body (waitress: in memory, or a temporary file
+    past 512 KB) usually hand it over in one read.
+    """
+    size = body_size(environ, limit)
     stream = environ["wsgi.input"]
     body = stream.read(size) if size else b""
     if len(body) == size:  # the usual case: no second copy of the body
@@ -58,16 +70,17 @@ def _unquote_exactly(raw: bytes, name: str) -> bytes:
     return unquote_to_bytes(raw.replace(b"+", b" "))
 
 
-def parse_form(body: bytes) -> dict[str, bytes]:
+def parse_form(body: bytes, *, slice_bytes: int = FORM_SLICE) -> dict[str, bytes]:
     """Parse an application/x-www-form-urlencoded body into raw bytes, by hand.
 
     Fast path: with '+' written as a space and '%' as '=', percent-escapes are
-    quoted-printable escapes, which binascii decodes in C, reading each value
-    through a memoryview of one translated copy of the body.  Each valid escape
+    quoted-printable escapes, which binascii decodes in C.  Each valid escape
     shrinks three bytes to one and a malformed one shrinks less, so the length
-    alone proves every escape was valid.  A value with a literal '=' (no
-    urlencoder writes one, but a lenient client might) or a bad length goes
-    through _unquote_exactly.  Both give the same bytes (tests/test_form.py).
+    alone proves every escape was valid.  A value is decoded a slice at a time
+    (never splitting an escape) into one buffer, so no copy of the whole body
+    is made besides the value itself.  A value with a literal '=' (no urlencoder
+    writes one, but a lenient client might) or a bad length goes through
+    _unquote_exactly.  Both give the same bytes (tests/test_form.py).
     """
     spans, at = [], 0
     while at <= len(body):
@@ -78,8 +91,6 @@ def parse_form(body: bytes) -> dict[str, bytes]:
         at = end + 1
     if len(spans) > MAX_FORM_FIELDS:
         raise BadRequest(f"too many form fields (at most {MAX_FORM_FIELDS})")
-    printable = not body.translate(None, _PRINTABLE_ASCII)
-    translated = memoryview(body.translate(_FORM_TO_QP)) if printable else None
     form: dict[str, bytes] = {}
     for start, end in spans:
         equals = body.find(b"=", start, end)
@@ -92,12 +103,38 @@ def parse_form(body: bytes) -> dict[str, bytes]:
             raise BadRequest(f"form field {name!r} given more than once")
         value_start = min(split + 1, end)
         value = None
-        if translated is not None and body.find(b"=", value_start, end) == -1:
-            value = binascii.a2b_qp(translated[value_start:end])
-            if len(value) != end - value_start - 2 * body.count(b"%", value_start, end):
-                value = None
+        if body.find(b"=", value_start, end) == -1:
+            value = _decode_in_slices(body, value_start, end, slice_bytes)
         form[name] = value if value is not None else _unquote_exactly(body[value_start:end], name)
     return form
+
+
+def _decode_in_slices(body: bytes, start: int, end: int, slice_bytes: int) -> Optional[bytes]:
+    """The fast path for body[start:end]: its bytes, or None where _unquote_exactly must decide.
+
+    Every slice must shrink by exactly two bytes per '%' it holds, so every
+    escape is whole and valid inside its slice, and the slices' decodings
+    joined are the decoding of the whole.
+    """
+    out = None
+    at = start
+    while at < end:
+        stop = min(end, at + max(slice_bytes, 3))
+        if stop < end:  # an escape starting in the last two bytes goes to the next slice
+            split = body.find(b"%", stop - 2, stop)
+            stop = split if split > at else stop
+        piece = body[at:stop]
+        if piece.translate(None, _PRINTABLE_ASCII):
+            return None
+        decoded = binascii.a2b_qp(piece.translate(_FORM_TO_QP))
+        if len(decoded) != len(piece) - 2 * piece.count(b"%"):
+            return None
+        if stop == end and out is None:  # the value fits in one slice
+            return decoded
+        out = out or io.BytesIO()
+        out.write(decoded)
+        at = stop
+    return out.getvalue() if out is not None else b""
 
 
 def flag(form: Mapping[str, bytes], name: str) -> bool:

@@ -12,6 +12,7 @@ class that fixes those, and the settings are checked once, at start-up.
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import ssl
 import threading
@@ -37,10 +38,16 @@ _refused = threading.local()
 
 
 class RelaySMTP(smtplib.SMTP):
-    """smtplib.SMTP as the SDK opens it, with a timeout, a verified STARTTLS and the refusals kept."""
+    """smtplib.SMTP with a timeout, a verified STARTTLS, the refusals kept, and DATA streamed.
+
+    smtplib's data() copies the whole message three times (line ends, dot
+    stuffing, encoding); here it goes out a slice of whole lines at a time,
+    dot-stuffed as it goes.
+    """
 
     timeout_seconds = DEFAULT_SMTP_TIMEOUT
     ca_file: Optional[str] = None
+    SLICE = 1 << 20
 
     def __init__(self, host: str = "", port: int = 0, *args, **kwargs):
         kwargs.setdefault("timeout", self.timeout_seconds)
@@ -51,10 +58,31 @@ class RelaySMTP(smtplib.SMTP):
         kwargs.setdefault("context", ssl.create_default_context(cafile=self.ca_file))
         return super().starttls(*args, **kwargs)
 
-    def send_message(self, *args, **kwargs):
-        refused = super().send_message(*args, **kwargs)
+    def sendmail(self, *args, **kwargs):
+        refused = super().sendmail(*args, **kwargs)  # send_message() comes here too
         _refused.recipients = dict(refused)
         return refused
+
+    def data(self, msg):
+        if not isinstance(msg, bytes):  # text, as the SDK's send_message() path may give: smtplib's own way
+            return super().data(msg)
+        self.putcmd("data")
+        code, reply = self.getreply()
+        if code != 354:
+            raise smtplib.SMTPDataError(code, reply)
+        view = memoryview(msg)
+        at = 0
+        while at < len(msg):  # slices of whole lines, so '^' in _DOT_LINE is a line start
+            stop = msg.rfind(b"\n", at, at + self.SLICE) + 1 if at + self.SLICE < len(msg) else len(msg)
+            if stop <= at:  # a line longer than a slice
+                stop = msg.find(b"\n", at + self.SLICE) + 1 or len(msg)
+            self.send(_DOT_LINE.sub(b"..", view[at:stop]))
+            at = stop
+        self.send(b".\r\n" if msg.endswith(b"\r\n") else b"\r\n.\r\n")
+        return self.getreply()
+
+
+_DOT_LINE = re.compile(rb"^\.", re.MULTILINE)  # smtplib's _quote_periods
 
 
 def take_refused() -> dict:

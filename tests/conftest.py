@@ -147,9 +147,9 @@ def mail_stub():
 class ServerProcess:
     """`python mailer.py` running for real, on a free port."""
 
-    def __init__(self, env: dict, cwd: Path = ROOT, args=(), script: Path = ROOT / "mailer.py"):
+    def __init__(self, env: dict, cwd: Path = ROOT, args=(), script: Path = ROOT / "mailer.py", command=None):
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0", *args],
+            command or [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0", *args],
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
@@ -159,7 +159,7 @@ class ServerProcess:
         self.log_lines: list[str] = []  # standard error, and the JSON log lines on standard output
         self._readers: list[threading.Thread] = []
         line = self.proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        match = re.search(r"http://[0-9.]+:(\d+)/", line)
         if not match:
             self.stop()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()!r}")
@@ -184,6 +184,11 @@ class ServerProcess:
                 self.proc.wait()
         for reader in self._readers:
             reader.join(5)
+
+    def peak_rss(self) -> int:
+        """The most memory the server process has held so far (VmHWM), in bytes."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
 def server_env(tmp_path: Path, smtp: Optional[SMTPSink] = None, keys=(KEY,), **extra) -> dict:

@@ -18,7 +18,10 @@ def test_server_benchmark_prints_its_table():
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["message", "bytes", "proxy"] and len(lines) == 5
+    assert lines[0].split()[:3] == ["message", "bytes", "proxy"] and lines[4] == ""
+    assert lines[5].startswith("peak memory per message byte") and len(lines[7:11]) == 4  # the four shapes
+    assert lines[12].startswith("server peak RSS growth") and len(lines[14:18]) == 4
+    assert re.fullmatch(r"worst memory \(tracemalloc\): \d+\.\d\d", lines[-2])
     assert re.fullmatch(r"worst proxy/seed: \d+\.\d\d", lines[-1])
 
 

@@ -58,3 +58,17 @@ def test_unquote_matches_stdlib_or_refuses_on_any_printable_input(raw):
 @pytest.mark.parametrize("raw", [b"a=b", b"%3D=%3d", b"=41", b"x=", b"%41%4a%4A", b"+%2B+", b"a%20b=c"])
 def test_unquote_edge_cases(raw):
     assert decode_value(raw) == stdlib_unquote(raw)
+
+
+@settings(max_examples=500)
+@given(st.one_of(PRINTABLE, st.binary(max_size=120).map(lambda b: quote_from_bytes(b).encode())), st.integers(1, 9))
+def test_decoding_in_slices_matches_decoding_whole(raw, slice_bytes):
+    """Small slices put escapes at every slice edge: the result is the same, or the same refusal."""
+    body = b"msg=" + raw
+    try:
+        whole = parse_form(body)
+    except BadRequest as refusal:
+        with pytest.raises(BadRequest, match=re.escape(refusal.reason)):
+            parse_form(body, slice_bytes=slice_bytes)
+        return
+    assert parse_form(body, slice_bytes=slice_bytes) == whole

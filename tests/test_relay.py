@@ -3,13 +3,18 @@ defer, lack STARTTLS or need a trusted certificate; settings checked at start-up
 
 from __future__ import annotations
 
+import re
 import shutil
+import smtplib
 import ssl
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from appengine_mailer.relay import RelaySMTP
 from conftest import KEY, ROOT, Envelope, SMTPSink, form, free_port, server_env
 from test_mailer_e2e import message, post
 
@@ -263,3 +268,50 @@ def test_relay_login_with_the_password_in_keys(deployment, start_server, tmp_pat
         assert "s3cret-relay-password" not in "".join(accepted.log_lines + refused.log_lines)
     finally:
         controller.stop()
+
+
+# --------------------------------------------------------------------------- DATA streamed
+
+
+class _Recorder(RelaySMTP):
+    """RelaySMTP with tiny slices and no network: records what DATA sends."""
+
+    SLICE = 7
+
+    def __init__(self):
+        super().__init__()
+        self.sent: list[bytes] = []
+        self.replies = [(354, b"go ahead"), (250, b"ok")]
+
+    def putcmd(self, cmd, args=""):
+        pass
+
+    def getreply(self):
+        return self.replies.pop(0)
+
+    def send(self, s):
+        self.sent.append(bytes(s))
+
+
+DATA_PIECES = [b"abc", b".", b"..x", b"\r\n", b"\n", b"x" * 20, b"From "]
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from(DATA_PIECES), max_size=20).map(b"".join))
+def test_streamed_data_is_what_smtplib_sends(message):
+    recorder = _Recorder()
+    assert recorder.data(message) == (250, b"ok")
+    quoted = re.sub(rb"(?m)^\.", b"..", message)  # smtplib.SMTP.data, whole
+    quoted = quoted if quoted[-2:] == b"\r\n" else quoted + b"\r\n"
+    assert b"".join(recorder.sent) == quoted + b".\r\n"
+
+
+def test_refused_data_raises_as_smtplib_does():
+    recorder = _Recorder()
+    recorder.replies = [(554, b"no")]
+    try:
+        recorder.data(b"x\r\n")
+    except smtplib.SMTPDataError as error:
+        assert error.smtp_code == 554
+    else:
+        raise AssertionError("no SMTPDataError")
