@@ -283,7 +283,8 @@ def _walk_with_container(message: Message) -> Iterator[tuple[Message, bool]]:
         yield part, in_message
         if part.is_multipart():  # never get_payload() of a leaf: that would read a cut body now
             inside = part.get_content_maintype() == "message"
-            stack.extend((sub, inside) for sub in reversed(part.get_payload()) if isinstance(sub, Message))
+            parts = cast("list[Message]", part.get_payload())
+            stack.extend((sub, inside) for sub in reversed(parts) if isinstance(sub, Message))
 
 
 def restore_cut_bodies(message: Message, raw: bytes, cuts: dict[str, Cut]) -> bool:
