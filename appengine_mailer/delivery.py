@@ -53,6 +53,10 @@ def render_mime(proto) -> Message:
         del mime["Reply-To"]
     for part in mime.get_payload()[1:]:
         email.encoders.encode_base64(part)
+    for part in mime.get_payload()[0].walk():  # the bodies: a text part, or an alternative of them
+        if part["Content-Transfer-Encoding"] == "7bit" and _LONG_LINE.search(part.get_payload().encode("ascii")):
+            del part["Content-Transfer-Encoding"]
+            email.encoders.encode_base64(part)
     mime["Date"] = email.utils.formatdate(localtime=False)
     mime["Message-ID"] = email.utils.make_msgid(domain="appengine-mailer.invalid")
     return mime
@@ -142,7 +146,11 @@ def render(fields: Fields, *, linesep: str = "\n", mangle_from: bool = False, en
         data = text if isinstance(text, bytes) else text.encode("utf-8")
         ascii_text = data.isascii()
         part = MIMEText("", subtype, "us-ascii" if ascii_text else "utf-8")  # the SDK's _GuessCharset
-        part.set_payload(token("7bit" if ascii_text else "base64", data))
+        seven_bit = ascii_text and not _LONG_LINE.search(data)
+        if ascii_text and not seven_bit:  # as render_mime() does: base64 instead
+            del part["Content-Transfer-Encoding"]
+            part["Content-Transfer-Encoding"] = "base64"
+        part.set_payload(token("7bit" if seven_bit else "base64", data))
         return part
 
     parts = [
@@ -196,6 +204,8 @@ def _flatten(mime: Message, bodies: dict, prefix: str, linesep: bytes, mangle_fr
     return out.getvalue()
 
 
+# SMTP allows 998 characters a line (RFC 5321): a text body with a longer line is sent base64-encoded.
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")
 _FROM_LINE = re.compile(rb"^From ", re.MULTILINE)  # the generator's mangling, on the text before line ends change
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BASE64_BLOCK = 57 * 1024  # encodes to 1024 lines of 76 characters
@@ -284,7 +294,9 @@ class MaildirOutbox:
     def file(self, rendered: bytes) -> None:
         """File a message rendered with its X-Envelope-To header (every recipient, Bcc too)."""
         with self._lock:
-            mailbox.Maildir(self.path, create=True).add(rendered)
+            for folder in ("tmp", "new", "cur"):  # also when GMAIL_OUTBOX names an empty folder
+                os.makedirs(self.path / folder, mode=0o700, exist_ok=True)
+            mailbox.Maildir(self.path, create=False).add(rendered)
 
 
 def install_outbox(path: Path) -> bool:

@@ -39,7 +39,7 @@ def reference_smtp(message: mail.EmailMessage) -> bytes:
     return out.getvalue()
 
 
-TEXT_PIECES = ["Hi", "From me", ".hidden", ".", "Grüße ½ €", "日本", "\r", "\n", "\r\n", " ", "x" * 90]
+TEXT_PIECES = ["Hi", "From me", ".hidden", ".", "Grüße ½ €", "日本", "\r", "\n", "\r\n", " ", "x" * 90, "y" * 1200]
 TEXTS = st.lists(st.sampled_from(TEXT_PIECES), max_size=12).map("".join)
 
 
@@ -84,3 +84,30 @@ def test_smtp_rendering_matches_what_smtplib_was_given(message):
     fields = Fields.from_email_message(message)
     fields.bcc = []
     assert normalized(render(fields, linesep="\r\n", mangle_from=True)) == normalized(reference_smtp(message))
+
+
+def test_a_line_longer_than_smtp_allows_arrives_whole(smtp_server):
+    from email.message import EmailMessage
+
+    from conftest import form
+    from test_mailer_e2e import post
+
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@example.com", "b@example.com", "long"
+    msg.set_content("<p>" + "word " * 440 + "</p>\n", subtype="html")  # one line of 2,208 characters
+    assert post(smtp_server.url, form(msg.as_bytes()))[0] == 204
+    [envelope] = smtp_server.sink.wait_for(1)
+    assert envelope.message.get_body(("html",)).get_content() == "<p>" + "word " * 440 + "</p>\n"
+    assert max(len(line) for line in envelope.content.split(b"\r\n")) <= 998
+
+
+def test_an_empty_outbox_folder_is_filled_not_refused(start_server, tmp_path):
+    from conftest import form, server_env
+    from test_mailer import make_message
+    from test_mailer_e2e import post
+
+    outbox = tmp_path / "empty-outbox"
+    outbox.mkdir()
+    server = start_server(server_env(tmp_path, GMAIL_OUTBOX=str(outbox)))
+    assert post(server.url, form(make_message().as_bytes()))[0] == 204
+    assert len(list((outbox / "new").iterdir())) == 1
