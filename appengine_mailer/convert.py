@@ -117,7 +117,7 @@ def _leniently_decoded_words(text: str) -> str:
 def decode_words(text: str, what: str = "a header") -> str:
     """Decode RFC 2047 encoded words in a display name or subject, on one line; refuse control characters."""
     decoded = _decoded_words(header_text(text))
-    if any(_is_control(c) for c in decoded):
+    if not decoded.isprintable() and any(_is_control(c) for c in decoded):
         raise BadRequest(f"{what} holds control characters: {decoded!r}"[:300])
     return header_text(decoded)
 
@@ -223,7 +223,7 @@ def _attachment_name(part: Message, name: Optional[str], index: int) -> str:
         shown = _decoded_words(_read_8bit(name).replace("\r", "").replace("\n", ""))  # unfolded, then decoded
         if _ENCODED_WORD.search(shown):
             shown = _leniently_decoded_words(shown)
-        if any(_is_control(c) for c in shown):
+        if not shown.isprintable() and any(_is_control(c) for c in shown):
             raise BadRequest(f"attachment name {shown[:200]!r} holds control characters")
         name = " ".join(shown.split()).rstrip(". ")
     if not name:
@@ -289,7 +289,8 @@ def _passed_headers(message: Message) -> tuple[dict[str, str], list[str]]:
     for name, value in message.items():
         allowed = _ALLOWED_HEADERS.get(name.lower())
         if allowed and allowed not in kept:
-            if any(_is_control(c) for c in _read_8bit(value).replace("\r", "").replace("\n", "")):
+            text = _read_8bit(value)
+            if not text.isprintable() and any(_is_control(c) for c in text.replace("\r", "").replace("\n", "")):
                 raise BadRequest(f"header {allowed} holds control characters")
             kept[allowed] = header_text(value)
         elif (allowed or name.lower() not in _READ_HEADERS) and header_text(name) not in dropped:
@@ -391,5 +392,7 @@ def default_sender_or_refuse(default_sender: Optional[str], why: str) -> str:
 
 
 def address_of(mailbox: str) -> str:
-    """The bare address of "Name <a@b.c>"."""
-    return email.utils.parseaddr(mailbox)[1] or mailbox
+    """The bare address of "Name <a@b.c>", as formataddr() wrote it (the display name encoded, so no '<' in it)."""
+    if mailbox.endswith(">") and "<" in mailbox:
+        return mailbox[mailbox.rindex("<") + 1 : -1]
+    return mailbox.strip()

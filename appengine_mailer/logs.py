@@ -84,5 +84,6 @@ def configure(environ: Optional[Mapping[str, str]] = None) -> None:
 
 def printable(text: str, limit: int = 500) -> str:
     """`text` safe for a log line: control characters escaped (no forged lines), at most `limit` characters."""
-    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    text = text[:limit]
+    safe = text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return safe if len(safe) <= limit else safe[: limit - 1] + "…"
