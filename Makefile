@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVER_STAMP := $(VENV)/.server
 HOST ?= 127.0.0.1
 PORT ?= 8080
 PIP_INSTALL = -m pip install --quiet --disable-pip-version-check
@@ -16,8 +17,13 @@ STAMP_NEW := $(VENV_NEW)/.installed
 
 .PHONY: run test lint test-main test-new bench keys-new keys-list keys-retire deploy clean
 
-$(STAMP): pyproject.toml requirements.txt
+# `make run` needs only the server's dependencies; the tests add their tools to the same virtualenv.
+$(SERVER_STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(PY) $(PIP_INSTALL) -r requirements.txt -e .
+	touch $@
+
+$(STAMP): $(SERVER_STAMP)
 	$(PY) $(PIP_INSTALL) -r requirements.txt -e '.[test]' 'django>=5.2,<6'
 	touch $@
 
@@ -26,7 +32,7 @@ $(STAMP_NEW): pyproject.toml requirements.txt
 	$(VENV_NEW)/bin/python $(PIP_INSTALL) -r requirements.txt -e '.[test]' 'django>=6,<7'
 	touch $@
 
-run: $(STAMP)
+run: $(SERVER_STAMP)
 	$(PY) mailer.py --host $(HOST) --port $(PORT) --create-dev-key
 
 # The two legs run side by side (CI has two cores; much of a leg waits on real servers and sockets).
@@ -54,13 +60,13 @@ bench: $(STAMP)
 	$(PY) bench/bench_server.py
 	$(PY) bench/bench_client.py
 
-keys-new: $(STAMP)
+keys-new: $(SERVER_STAMP)
 	$(PY) mailer.py keys new
 
-keys-list: $(STAMP)
+keys-list: $(SERVER_STAMP)
 	$(PY) mailer.py keys list
 
-keys-retire: $(STAMP)
+keys-retire: $(SERVER_STAMP)
 	@test -n "$(FP)" || { echo "usage: make keys-retire FP=<fingerprint from make keys-list>"; exit 64; }
 	$(PY) mailer.py keys retire $(FP)
 

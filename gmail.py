@@ -169,6 +169,12 @@ def verify_request(form, keys, window: int = REPLAY_WINDOW_SECONDS, *, now: Opti
         value = value[-1] if isinstance(value, list) and value else value
         return value.encode("utf-8") if isinstance(value, str) else bytes(value or b"")
 
+    if isinstance(keys, (str, bytes)):
+        keys = [keys]
+    # Keys as clients read them: outer whitespace (a file's line end) is not part of a key.
+    candidates = [(key.encode("utf-8") if isinstance(key, str) else bytes(key)).strip() for key in keys]
+    if not candidates or not all(candidates):
+        raise ValueError("verify_request needs keys, and a blank key would let anyone sign")
     msg, stamp, signature = field("msg"), field("timestamp"), field("signature_v2").strip().lower()
     if not msg or not signature:
         raise RequestNotVerified("the request has no msg or no signature_v2")
@@ -178,12 +184,6 @@ def verify_request(form, keys, window: int = REPLAY_WINDOW_SECONDS, *, now: Opti
     if abs(age) > window:
         when = f"{age:.0f} s ago" if age > 0 else f"{-age:.0f} s in the future"
         raise RequestNotVerified(f"the request was signed {when}; requests are valid for {window} s")
-    if isinstance(keys, (str, bytes)):
-        keys = [keys]
-    # Keys as clients read them: outer whitespace (a file's line end) is not part of a key.
-    candidates = [(key.encode("utf-8") if isinstance(key, str) else bytes(key)).strip() for key in keys]
-    if not candidates or not all(candidates):
-        raise ValueError("verify_request needs keys, and a blank key would let anyone sign")
     expected = [sign_v2(key, stamp.decode("ascii"), False, msg).encode("ascii") for key in candidates]
     if not any([hmac.compare_digest(digest, signature) for digest in expected]):  # every key, always
         raise RequestNotVerified("the signature does not match under any of the keys")

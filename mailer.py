@@ -308,6 +308,7 @@ def _log_outcome(level: int, verdict: str, status: str, reason: str, **fields) -
     """One line per request: sent, refused (the client's fault) or failed (ours), with sizes and counts only."""
     code = status.split()[0]
     reason = logs.printable(reason)
+    fields = {name: value for name, value in fields.items() if value is not None}
     details = " ".join(f"{name}={value}" for name, value in fields.items())
     log.log(
         level,

@@ -101,6 +101,7 @@ def _describe(attachment) -> dict:
         "declared_type": getattr(attachment, "declared_type", None),
         "size": len(attachment.payload),
         "inline": attachment.content_id is not None,
+        "refused": getattr(attachment, "refused", False),  # listed with the reason under problems
     }
 
 
@@ -122,6 +123,8 @@ def _warnings(sender: Optional[str], outgoing: Outgoing) -> list[str]:
             f"and DMARC checks; write it in lower case"
         )
     for attachment in outgoing.attachments:
+        if getattr(attachment, "refused", False):
+            continue
         described = _describe(attachment)
         declared = described["declared_type"]
         if declared and declared != described["content_type"] and not declared.startswith("message/"):

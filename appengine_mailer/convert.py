@@ -129,15 +129,27 @@ def _format_address(name: str, spec: str, header: str) -> str:
     return email.utils.formataddr((decode_words(name, f"a {header} display name"), spec), charset="utf-8")
 
 
-def _addresses(message: Message, header: str) -> list[str]:
-    """Return every address in every `header` line, formatted for the Mail API."""
+def _addresses(message: Message, header: str, problems: Optional[list[str]] = None) -> list[str]:
+    """Return every address in every `header` line, formatted for the Mail API.
+
+    The first bad address is raised; given `problems`, each bad one is noted
+    there instead and the good ones are still returned (a dry run's report).
+    """
     found: list[str] = []
     for value in message.get_all(header, []):
         value = str(value)
         pairs = simple_addresses(value) or email.utils.getaddresses([value])
         if not any(spec for _, spec in pairs) and not _EMPTY_ADDRESS_LIST.fullmatch(value):
             raise BadRequest(f"{header} header {header_text(value)!r} holds no valid address")
-        found.extend(_format_address(name, spec, header) for name, spec in pairs if spec or name.strip())
+        for name, spec in pairs:
+            if not (spec or name.strip()):
+                continue
+            try:
+                found.append(_format_address(name, spec, header))
+            except BadRequest as refusal:
+                if problems is None:
+                    raise
+                problems.append(refusal.reason)
     return found
 
 
@@ -270,7 +282,13 @@ def _add_part(part: Message, bodies: dict[str, Union[bytes, str]], attachments: 
             data = part.as_bytes()
     else:
         data = decode_payload(part)
-    name = _attachment_name(part, filename, len(attachments))
+    try:
+        name = _attachment_name(part, filename, len(attachments))
+    except BadRequest:
+        refused = mail.Attachment(header_text(filename or ""), data)
+        refused.declared_type, refused.refused = kind, True  # for a dry run's report; a send stops here
+        attachments.append(refused)
+        raise
     content_id = header_text(part.get("Content-ID", ""))
     if content_id:
         if not content_id.isascii():
@@ -332,7 +350,7 @@ class Outgoing:
 
     def _addresses(self, message: Message, header: str) -> list[str]:
         none: list[str] = []
-        return self._try(lambda: _addresses(message, header), none)
+        return self._try(lambda: _addresses(message, header, self._problems), none)
 
     def _try(self, step: Callable[[], T], fallback: T) -> T:
         """Run one step of the conversion; a refusal is raised, or noted and `fallback` used."""

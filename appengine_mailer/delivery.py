@@ -168,7 +168,13 @@ def render(fields: Fields, *, linesep: str = "\n", mangle_from: bool = False, en
             part["content-id"] = content_id
         part["Content-Transfer-Encoding"] = "base64"  # render_mime()'s encode_base64, after the SDK's headers
         mime.attach(part)
-    for name, values in (("To", fields.to), ("Cc", fields.cc), ("Bcc", fields.bcc)):
+    # The outbox is what recipients get, so no Bcc line; its X-Envelope-To names every recipient instead.
+    shown = (
+        (("To", fields.to), ("Cc", fields.cc))
+        if envelope_to
+        else (("To", fields.to), ("Cc", fields.cc), ("Bcc", fields.bcc))
+    )
+    for name, values in shown:
         if values:
             mime[name] = mail._I18nHeader(", ".join(values))
     mime["From"] = mail._I18nHeader(fields.sender)

@@ -64,6 +64,11 @@ def add_keys_command(commands, root: Path) -> None:
 
 def keys_command(args: argparse.Namespace) -> int:
     """Run `keys ACTION` on the key file; return the exit status."""
+    if os.environ.get("GMAIL_SECRET_KEY"):
+        print(
+            f"mailer.py: note: GMAIL_SECRET_KEY is set here; a server started with it ignores {args.file}",
+            file=sys.stderr,
+        )
     return manage_keys(args.action, args.file, args.fingerprint, args.sender)
 
 

@@ -236,6 +236,9 @@ def key_source(environ: Optional[Mapping[str, str]], root: Path) -> KeySource:
     """Keys from the environment are fixed for the process's life; keys from files follow the files."""
     environ = os.environ if environ is None else environ
     if environ.get("GMAIL_SECRET_KEY"):
+        ignored = [path for path in (root / "keys" / "GMAIL_SECRET_KEY", root / "GMAIL_SECRET_KEY") if path.is_file()]
+        if ignored:
+            log.warning("GMAIL_SECRET_KEY is set in the environment, so the key file %s is not read", ignored[0])
         return keys_from_environment(environ, root)
     return KeyFile(root)
 

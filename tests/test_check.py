@@ -64,6 +64,7 @@ def test_report_of_a_message_that_would_be_sent(app, mail_stub):
             "declared_type": "application/pdf",
             "size": 13,
             "inline": False,
+            "refused": False,
         }
     ]
     assert "known only when sending" in report["notes"][0]
@@ -195,3 +196,13 @@ def test_an_archive_with_too_many_entries_is_not_opened(app):
     msg.add_attachment(buffer.getvalue(), "application", "zip", filename="many.zip")
     report = check(app, msg).json
     assert report["would_send"] is True and not any("executable" in w for w in report["warnings"])
+
+
+def test_the_report_lists_good_addresses_and_refused_attachments_too(app):
+    msg = make_message(To="you@example.com, bad address")
+    msg.add_attachment(b"MZ", "application", "octet-stream", filename="setup.exe")
+    report = check(app, msg).json
+    assert report["recipients"]["to"] == ["you@example.com"]
+    [attachment] = report["attachments"]
+    assert attachment["name"] == "setup.exe" and attachment["refused"] is True
+    assert any(".exe" in problem for problem in report["problems"])

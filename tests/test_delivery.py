@@ -26,6 +26,7 @@ def normalized(flat: bytes) -> bytes:
 def reference_outbox(proto) -> bytes:
     """What the outbox filed before render(): render_mime() plus X-Envelope-To, as Message.as_bytes()."""
     mime = render_mime(proto)
+    del mime["Bcc"]  # recipients never see it; X-Envelope-To names them all
     mime["X-Envelope-To"] = ", ".join([*proto.To, *proto.Cc, *proto.Bcc])
     return mime.as_bytes()
 
