@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import create_server
+from waitress.task import WSGITask
 from waitress.utilities import Error, RequestEntityTooLarge
 
 from .form import MAX_BODY_BYTES
@@ -74,14 +75,35 @@ class _RequestParser(HTTPRequestParser):
         return consumed
 
 
+class _Task(WSGITask):
+    """waitress's task, but a 204 keeps the connection open.
+
+    waitress 3.0 closes every HTTP/1.1 response without a Content-Length, a 204
+    included, which may not carry one: each message sent would cost a client a
+    new connection.  A response without a body needs no length to end it.
+    """
+
+    def build_response_header(self):
+        if self.has_body or self.version != "1.1" or self.close_on_finish:
+            return super().build_response_header()
+        if self.request.headers.get("CONNECTION", "").lower() == "close":
+            return super().build_response_header()
+        self.set_close_on_finish = lambda: None  # this response only
+        try:
+            return super().build_response_header()
+        finally:
+            del self.set_close_on_finish
+
+
 class _Channel(HTTPChannel):
     parser_class = _RequestParser
+    task_class = _Task
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     """The serving options of `python mailer.py` (also used by app.yaml's entrypoint)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080; 0: any free one)")
     parser.add_argument(
         "--threads",
         type=_positive,
@@ -90,7 +112,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--connection-limit",
-        type=_positive,
+        type=_at_least(2),
         default=DEFAULT_CONNECTION_LIMIT,
         help=f"open connections at most; more wait in the listen backlog (default {DEFAULT_CONNECTION_LIMIT})",
     )
@@ -125,6 +147,23 @@ def build_parser(root: Path) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{keys}")
     add_keys_command(commands, root)
     return parser
+
+
+def _port(text: str) -> int:
+    value = int(text) if text.isascii() and text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0 to 65535), not {text!r}")
+    return value
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        value = int(text) if text.isascii() and text.isdigit() else 0
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {least}, not {text!r}")
+        return value
+
+    return check
 
 
 def _positive(text: str) -> int:
@@ -192,7 +231,7 @@ def serve(
             host=host,
             port=port,
             threads=threads,
-            connection_limit=usable,
+            connection_limit=usable + 2,  # waitress counts its listening socket and its wake-up pipe too
             channel_timeout=timeout,
             cleanup_interval=max(1, timeout // 3),  # how often silent connections are looked for
             max_request_header_size=MAX_HEADER_BYTES,
@@ -200,8 +239,9 @@ def serve(
             asyncore_use_poll=True,  # select() cannot watch descriptors past 1024
             ident="appengine-mailer",
         )
-    except OSError as exc:
-        print(f"mailer.py: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # ValueError: a host name that does not resolve
+        why = getattr(exc, "strerror", None) or str(exc)
+        print(f"mailer.py: cannot listen on {host}:{port}: {why}", file=sys.stderr)
         return EX_OSERR
     server.channel_class = _Channel
     print(banner(server.effective_port), flush=True)

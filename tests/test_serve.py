@@ -129,3 +129,52 @@ def test_one_twenty_megabyte_text_message_takes_at_most_six_times_its_size(smtp_
     assert growth <= 6 * len(msg), f"peak RSS grew by {growth / len(msg):.1f} times the message"
     received = smtp_server.sink.wait_for(2, timeout=60)
     assert len(received) == 2 and received[1].message.get_body(("plain",)).get_content().startswith("Grüße aus Köln")
+
+
+def test_many_messages_share_one_kept_alive_connection(start_server, tmp_path):
+    server = start_server(server_env(tmp_path))
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        for _ in range(3):
+            conn.request(
+                "POST", "/", form(make_message().as_bytes()), {"Content-Type": "application/x-www-form-urlencoded"}
+            )
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 204 and response.getheader("Connection") is None
+        first_socket = conn.sock
+        conn.request("GET", "/")
+        conn.getresponse().read()
+        assert conn.sock is first_socket  # never reconnected
+    finally:
+        conn.close()
+
+
+def test_a_connection_limit_of_two_serves_two_clients(start_server, tmp_path):
+    server = start_server(server_env(tmp_path), args=("--connection-limit", "2"))
+    assert post(server.url, form(make_message().as_bytes()))[0] == 204
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--port", "99999"], "argument --port: must be a port number (0 to 65535), not '99999'"),
+        (["--host", "nosuchhost.invalid", "--port", "0"], "mailer.py: cannot listen on nosuchhost.invalid:0: "),
+        (["--connection-limit", "1"], "argument --connection-limit: must be a whole number of at least 2, not '1'"),
+    ],
+)
+def test_bad_listening_options_are_one_line(tmp_path, args, line):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "mailer.py"), *args],
+        env=server_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode in (2, 71) and line in result.stderr and "Traceback" not in result.stderr
