@@ -20,6 +20,8 @@ EX_OSERR = 71
 
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 resets connections when a client opens several at once.
+    request_queue_size = 128
 
 
 def build_parser(root: Path) -> argparse.ArgumentParser:
