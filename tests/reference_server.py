@@ -39,7 +39,8 @@ class ReferenceServer:
         self.drop_times = 0  # close the connection without answering this many times
         self.force_if: bytes | None = None  # answer force_status only to requests whose body holds this
         self.force_headers: dict[str, str] = {}  # sent with force_status, e.g. a Location
-        self.force_after = 0  # answer force_status only once this many messages were accepted
+        self.force_after = 0  # answer force_status only once this many requests were let through
+        self.let_through = 0
         self.retry_after: str | None = None  # sent with every 429 and 503
         self.max_body = 32 * 1024 * 1024
         self.bodies: list[bytes] = []
@@ -127,9 +128,10 @@ class ReferenceServer:
                 forced = server.force_if is None or server.force_if in body
                 with server.lock:
                     forced = forced and bool(server.force_status) and server.force_times != 0
-                    forced = forced and len(server.accepted) >= server.force_after
+                    forced = forced and server.let_through >= server.force_after
                     if forced and server.force_times:
                         server.force_times -= 1
+                    server.let_through += not forced
                 if forced:
                     return server.force_status, server.force_reason, server.force_headers
                 if "msg" not in fields or "signature" not in fields:

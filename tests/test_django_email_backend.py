@@ -201,7 +201,7 @@ def test_django61_mailers_options(reference_server):
             },
         }
     }
-    reference_server.delay = 0.02
+    reference_server.delay = 0.05
     messages = [mail.EmailMessage(f"s{i}", "b", "f@example.com", ["t@example.com"]) for i in range(9)]
     with override_settings(MAILERS=mailers), mail.mailers["default"] as connection:
         assert connection.concurrency == 3

@@ -55,7 +55,7 @@ def entries(spool_dir: Path) -> list:
 
 
 def test_outcomes_in_order_with_accepted_and_refused_messages(reference_server):
-    reference_server.delay = 0.02
+    reference_server.delay = 0.05
     reference_server.force_status, reference_server.force_reason = 400, "no such recipient"
     reference_server.force_if = b"refuse-me"
     subjects = [f"refuse-me {i}" if i % 3 == 1 else f"ok {i}" for i in range(18)]
@@ -98,7 +98,7 @@ def test_concurrency_is_checked_and_a_message_over_the_limit_is_refused_alone(re
 
 
 def test_up_to_n_connections_kept_alive_across_batches(reference_server):
-    reference_server.delay = 0.03
+    reference_server.delay = 0.05
     with gmail.GmailProxy(KEY, reference_server.url) as proxy:
         assert all(proxy.send_many([message(f"first {i}") for i in range(16)], concurrency=4))
         assert all(proxy.send_many([message(f"second {i}") for i in range(16)], concurrency=4))
