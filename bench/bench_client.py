@@ -12,7 +12,7 @@ One connection, no delay (`--messages`, 300):
   `seed`       the original client: urlencode, sign and open a new connection
                per message with urllib.
 Several connections, 20 ms per request (`--batch`, 500 messages):
-  `send_mail`  the send_mail loop again, and send_many at concurrency 1, 2, 4, 8
+  `send_mail`  the send_mail loop again, and send_many at concurrency 1, 2, 4, 6, 8
                (the default), 16 and 32.
 Several connections to the real proxy (`python mailer.py`, delivering into its
 Maildir outbox) on this machine, no delay (`--proxy-batch`, 300 messages): where
@@ -56,7 +56,7 @@ server.delay = {delay!r}
 print(server.url, flush=True)
 sys.stdin.read()
 """
-CONCURRENCIES = (2, 4, gmail.DEFAULT_CONCURRENCY, 16, 32)
+CONCURRENCIES = tuple(sorted({2, 4, 6, gmail.DEFAULT_CONCURRENCY, 16, 32}))
 
 
 def messages(count: int) -> list[EmailMessage]:
