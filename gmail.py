@@ -3,7 +3,8 @@
 
 One stdlib-only file, usable by copying it anywhere with Python 3.9+:
 
-* a library: ``GmailProxy(SECRET_KEY, PROXY_URL).send_mail(message)``;
+* a library: ``GmailProxy(SECRET_KEY, PROXY_URL).send_mail(message)``, or
+  ``send_many(messages)`` for a batch over several connections at once;
 * a ``mail(1)``-like command: ``echo body | gmail.py -s Subject you@example.com``;
 * ``sendmail(8)`` and ``mailq(1)`` when installed under those names, and an Exim
   pipe transport: ``gmail.py -i -- recipient < message.eml``.
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
+import copy
 import errno
 import hashlib
 import hmac
@@ -31,12 +34,13 @@ import socket
 import ssl
 import stat
 import sys
+import threading
 import time
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import formataddr, getaddresses
-from typing import Any, Iterator, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Union
 from urllib.parse import quote_plus, urlsplit
 
 try:
@@ -50,6 +54,7 @@ __all__ = [
     "ConfigurationFailure",
     "GmailProxy",
     "MessageSendingFailure",
+    "Outcome",
     "RequestNotVerified",
     "Spool",
     "SpoolBusy",
@@ -62,6 +67,8 @@ __all__ = [
 
 ENVDIR = "/etc/envdir"
 DEFAULT_TIMEOUT = 30.0
+# Connections send_many and a spool flush use at once: see bench/README.md for the measurements.
+DEFAULT_CONCURRENCY = 8
 MAX_SETTING_BYTES = 64 * 1024
 MAX_REASON_BYTES = 64 * 1024
 MAX_REPORT_BYTES = 1024 * 1024  # a /check report, which lists every attachment and problem
@@ -91,6 +98,7 @@ MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES  # a message is never bigger than the requ
 ERROR_HEADER = "X-Appengine-Mailer-Error"
 BAD_SIGNATURE = "bad-signature"  # the signature matches none of the proxy's keys
 CLOCK_SKEW = "clock-skew"  # the v2 timestamp is outside the replay window: a clock is wrong
+NO_DEFAULT_SENDER = "no-default-sender"  # the message needs the proxy's default sender, and it has none
 
 
 def sign_v1(key: bytes, msg: bytes) -> str:
@@ -227,12 +235,16 @@ class MessageSendingFailure(Exception):
     ``reason`` the proxy's own explanation.  ``temporary`` says whether trying
     again later may succeed; ``proxy_unavailable`` whether the next message would
     fail the same way right now (a spool flush then stops instead of going on).
+    ``retry_after`` is the wait in seconds a 429 or 503 asked for.  On the failure
+    that send_many raises, ``outcomes`` holds the Outcome of every message.
     """
 
     def __init__(self, message: str, status: Optional[int] = None, reason: str = ""):
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.retry_after: Optional[float] = None
+        self.outcomes: Optional[list[Outcome]] = None
 
     @property
     def temporary(self) -> bool:
@@ -480,6 +492,22 @@ class _Answer(NamedTuple):
     body: bytes = b""  # a 2xx answer's body (the /check report)
 
 
+class Outcome(NamedTuple):
+    """What became of one message given to send_many: sent, queued for a later flush, or failed.
+
+    True in a boolean context exactly when send_mail would have returned True: the
+    proxy accepted the message (`sent`), or it waits in the spool as entry `queued`.
+    `failure` says why it was not sent (also when it was queued); None when sent.
+    """
+
+    sent: bool
+    queued: Optional[str] = None
+    failure: Optional[MessageSendingFailure] = None
+
+    def __bool__(self) -> bool:
+        return self.sent or self.queued is not None
+
+
 class GmailProxy:
     """Send messages to an appengine-mailer proxy over one kept-alive HTTP connection.
 
@@ -490,6 +518,8 @@ class GmailProxy:
     says why.  `timeout` bounds each exchange with one proxy URL, from
     connecting to the end of its answer (a retry included).  `given_as` names
     secret_key and proxy_url in error lines (the command line passes its options).
+    send_many sends a batch over several connections at once.  A GmailProxy is
+    used by one thread at a time: send_many makes its own threads.
     """
 
     def __init__(
@@ -538,6 +568,7 @@ class GmailProxy:
         self.last_failure: Optional[MessageSendingFailure] = None
         self._endpoint = self.endpoints[0]
         self._conn: Optional[_Connection] = None
+        self._helpers: list[GmailProxy] = []  # idle copies with their own connections, for send_many
 
     # -- connection -------------------------------------------------------
 
@@ -572,10 +603,13 @@ class GmailProxy:
         return True
 
     def close(self) -> None:
-        """Close the kept-alive connection, if any; sending again reopens one."""
+        """Close the kept-alive connections, if any; sending again reopens them."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        helpers, self._helpers = self._helpers, []
+        for helper in helpers:
+            helper.close()
 
     def __enter__(self) -> GmailProxy:
         return self
@@ -630,6 +664,81 @@ class GmailProxy:
                 status=answer.status,
             )
         return report
+
+    def send_many(
+        self, messages: Iterable[Union[Message, bytes, str]], concurrency: Optional[int] = None
+    ) -> list[Outcome]:
+        """Send many messages over up to `concurrency` kept-alive connections at once (default
+        DEFAULT_CONCURRENCY); return one Outcome per message, in the order given.
+
+        Each message gets what send_mail promises: the same signed request (resent
+        unchanged when a connection drops or the proxy answers 503, so a v2 proxy
+        never sends it twice), failover to the next proxy URL, and with a queue_dir
+        a temporary failure queues it.  One request goes first, then up to
+        `concurrency` at once.  A 429 or 503 lowers the concurrency for the rest of
+        the batch, waits out Retry-After and sends that message again.  A refusal
+        of one message never stops the others; an unavailable proxy (unreachable,
+        timed out, still 429 or 503 at one connection, 502, 504, or refusing this
+        setup) stops the batch: the messages not tried yet get the same failure,
+        or are queued.  Queued entries are written in the order given.
+
+        Once every message has been dealt with, the first failure (in the order
+        given) is raised, its `outcomes` holding every Outcome, unless the proxy
+        was made with fail_silently=True.
+        """
+        workers = _concurrency(DEFAULT_CONCURRENCY if concurrency is None else concurrency)
+        raws = [message_bytes(msg) for msg in messages]
+        failures: list[Optional[MessageSendingFailure]] = [None] * len(raws)
+        signed: list[Optional[tuple[float, bytes]]] = [None] * len(raws)
+        jobs = []
+        for index, raw in enumerate(raws):
+            if len(raw) > MAX_REQUEST_BYTES:  # no need to encode it to know
+                failures[index] = MessageSendingFailure(_too_large(len(raw), exact=False), 413, "too large")
+            else:
+                jobs.append(index)
+
+        def prepare(index: int) -> bytes:
+            stamp, body = signed[index] or (-math.inf, b"")
+            if time.time() - stamp > REUSE_SIGNATURE_SECONDS:  # only a long wait makes a body too old to resend
+                stamp = time.time()
+                body = encode_form(
+                    raws[index], self.key, self.fix_sender, timestamp=stamp, signature_v1=self.signature_v1
+                )
+                signed[index] = (stamp, body)
+            return body
+
+        def finish(index: int, failure: Optional[MessageSendingFailure]) -> None:
+            failures[index], signed[index] = failure, None
+
+        batch = _Batch(self, workers)
+        for index, dealt in zip(jobs, batch.run(jobs, prepare, finish)):
+            if not dealt:
+                failures[index] = batch.stopped_by
+        outcomes = [self._outcome(raw, failure) for raw, failure in zip(raws, failures)]
+        first = next((outcome.failure for outcome in outcomes if not outcome), None)
+        if first is not None and not self.fail_silently:
+            first.outcomes = outcomes
+            raise first
+        return outcomes
+
+    def _outcome(self, raw: bytes, failure: Optional[MessageSendingFailure]) -> Outcome:
+        if failure is None:
+            return Outcome(True)
+        if self.spool is None or not failure.temporary:
+            return Outcome(False, None, failure)
+        try:
+            return Outcome(False, _queue_or_fail(self.spool, raw, self.fix_sender, failure), failure)
+        except MessageSendingFailure as unqueued:
+            return Outcome(False, None, unqueued)
+
+    def _borrow(self, count: int) -> list[GmailProxy]:
+        """Copies of this proxy, each with its own connection, for a batch's workers (idle ones first)."""
+        helpers, self._helpers = self._helpers[:count], self._helpers[count:]
+        while len(helpers) < count:
+            helper = copy.copy(self)
+            helper._conn, helper._helpers, helper.spool = None, [], None
+            helpers.append(helper)
+        return helpers
 
     def send_signed(self, body: bytes, route: str = "") -> _Answer:
         """POST a signed form body, trying each proxy URL in turn while failures are temporary.
@@ -688,7 +797,10 @@ class GmailProxy:
                 if time.monotonic() + pause < deadline:
                     time.sleep(pause)
                     continue
-            raise self._failure(answer, route)
+            failure = self._failure(answer, route)
+            if answer.status in (429, 503):
+                failure.retry_after = answer.retry_after
+            raise failure
         raise AssertionError("the second attempt always returns or raises")
 
     def _exchange(self, body: bytes, deadline: float, route: str = "") -> _Answer:
@@ -743,6 +855,20 @@ class GmailProxy:
             return ConfigurationFailure(
                 f"the proxy at {where} does not trust this machine's clock ({said})", status, reason
             )
+        if answer.error == NO_DEFAULT_SENDER:
+            return ConfigurationFailure(
+                f"the proxy at {where} has no default sender to send this from ({said}): set GMAIL_DEFAULT_SENDER "
+                f"on the proxy, or give the message a From (-r)",
+                status,
+                reason,
+            )
+        if status in (404, 405, 415) and not route:  # not the proxy's URL: its path, or not a proxy at all
+            return ConfigurationFailure(
+                f"the proxy at {where} does not take mail at this URL ({said}): set {self.url_source} to the "
+                f"proxy's own URL",
+                status,
+                reason,
+            )
         if status == 413:
             return MessageSendingFailure(
                 f"the proxy at {where} refused the message as too large ({said}); attachments of up to about "
@@ -755,6 +881,153 @@ class GmailProxy:
                 f"the proxy at {where} has no /{route} ({said}): it is older than this client", status, reason
             )
         return MessageSendingFailure(f"the proxy at {where} refused the message: {said}", status, reason)
+
+
+def _concurrency(value: int) -> int:
+    """A number of connections at once, checked: a whole number of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"the concurrency must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+class _Batch:
+    """Many requests over up to `concurrency` kept-alive connections, each worker thread with its own.
+
+    Slow start: one request goes first, so a proxy that is down, or refuses this
+    setup, costs one request rather than one per connection, and the workers
+    start at the proxy URL that answered.  Once the proxy has answered anything
+    but "unavailable", up to `concurrency` requests go at once.
+
+    Back-pressure: a 429 or a 503 (which send_signed already retried once) means
+    "slower": the concurrency drops to half the requests then under way, for the
+    rest of the batch (once per wave of requests), every worker waits out the
+    Retry-After, and the same request is sent again.  At one connection, or with
+    a Retry-After longer than MAX_RETRY_AFTER_SECONDS, the proxy is unavailable.
+
+    An unavailable proxy stops the batch: requests under way finish, no other
+    starts, and `stopped_by` says why.
+    """
+
+    def __init__(self, proxy: GmailProxy, concurrency: int):
+        self.proxy = proxy
+        self.limit = concurrency  # requests at once, once the proxy has answered (`opened`)
+        self.opened = False
+        self.active = 0
+        self.wave = 0  # bumped at each lowering: the answers to requests sent before it lower nothing
+        self.resume_at = 0.0  # time.monotonic() before which no request starts (Retry-After)
+        self.endpoint = proxy._endpoint  # the URL that last worked: where workers send
+        self.stopped_by: Optional[MessageSendingFailure] = None
+        self.error: Optional[BaseException] = None  # raised by prepare or finish: ends the batch, then raised
+        self._pending: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+
+    def run(
+        self,
+        jobs: list,
+        prepare: Callable[[Any], Optional[bytes]],
+        finish: Callable[[Any, Optional[MessageSendingFailure]], None],
+    ) -> list[bool]:
+        """Send each job; return, for each, whether it was dealt with (False: not tried, the batch stopped).
+
+        prepare(job) gives the body to send (again, after back-pressure), or None
+        when the job needs no request; finish(job, failure) is then told, once,
+        how the proxy answered (failure None: accepted).  Both run in the workers.
+        """
+        self._pending.extend(range(len(jobs)))
+        dealt = [False] * len(jobs)
+        count = min(self.limit, len(jobs))
+        if count <= 1:
+            self._work(self.proxy, jobs, dealt, prepare, finish)
+        else:
+            helpers = self.proxy._borrow(count - 1)
+            threads = [
+                threading.Thread(target=self._work, args=(worker, jobs, dealt, prepare, finish), daemon=True)
+                for worker in (self.proxy, *helpers)
+            ]
+            for thread in threads:
+                thread.start()
+            try:
+                for thread in threads:
+                    thread.join()
+            except BaseException as exc:  # interrupted: requests under way finish, no other starts
+                with self._cond:
+                    self.error = self.error or exc
+                    self._cond.notify_all()
+                raise
+            self.proxy._helpers.extend(helpers)
+        self._use(self.proxy, self.endpoint)
+        if self.error is not None:
+            raise self.error
+        return dealt
+
+    def _work(self, worker: GmailProxy, jobs: list, dealt: list, prepare: Callable, finish: Callable) -> None:
+        holding = False
+        try:
+            while True:
+                with self._cond:
+                    index = self._take()
+                    if index is None:
+                        return
+                    holding, wave = True, self.wave
+                failure = None
+                body = prepare(jobs[index])
+                if body is not None:
+                    self._use(worker, self.endpoint)
+                    try:
+                        worker.send_signed(body)
+                    except MessageSendingFailure as exc:
+                        failure = exc
+                with self._cond:
+                    self.active -= 1
+                    holding = False
+                    again = body is not None and self._again(worker, failure, wave)
+                    if again:
+                        self._pending.appendleft(index)  # oldest first still
+                    self._cond.notify_all()
+                if not again:
+                    dealt[index] = True
+                    if body is not None:
+                        finish(jobs[index], failure)
+        except BaseException as exc:
+            with self._cond:
+                self.active -= holding
+                self.error = self.error or exc
+                self._cond.notify_all()
+
+    def _take(self) -> Optional[int]:
+        """Wait (holding the lock) for a job and a free connection; None when none is left or the batch stopped."""
+        while self.stopped_by is None and self.error is None and (self._pending or self.active):
+            pause = self.resume_at - time.monotonic()
+            if self._pending and pause <= 0 and self.active < (self.limit if self.opened else 1):
+                self.active += 1
+                return self._pending.popleft()
+            self._cond.wait(pause if pause > 0 else None)
+        return None
+
+    def _again(self, worker: GmailProxy, failure: Optional[MessageSendingFailure], wave: int) -> bool:
+        """Take in one answer (holding the lock); True when the request is to be sent again, slower."""
+        if failure is None or not failure.proxy_unavailable:
+            self.opened = True  # the proxy answers
+            if failure is None:
+                self.endpoint = worker._endpoint
+            return False
+        wait = DEFAULT_RETRY_AFTER_SECONDS if failure.retry_after is None else failure.retry_after
+        lower = (self.limit if self.opened else 1) > 1 or wave != self.wave  # sent when more were under way
+        if failure.status in (429, 503) and lower and wait <= MAX_RETRY_AFTER_SECONDS and self.stopped_by is None:
+            if wave == self.wave:
+                self.limit = max(1, min(self.limit, self.active + 1) // 2)
+                self.wave += 1
+            self.resume_at = max(self.resume_at, time.monotonic() + wait)
+            return True
+        if self.stopped_by is None:
+            self.stopped_by = failure
+        return False
+
+    @staticmethod
+    def _use(worker: GmailProxy, endpoint: Endpoint) -> None:
+        if worker._endpoint is not endpoint:
+            worker.close()
+            worker._endpoint = endpoint
 
 
 def _queue_or_fail(spool: Spool, raw: bytes, fix_sender: bool, failure: Exception) -> str:
@@ -1007,19 +1280,23 @@ class Spool:
 
     # -- flushing ------------------------------------------------------------
 
-    def flush(self, proxy: GmailProxy, max_age: float = DEFAULT_MAX_AGE_SECONDS) -> dict:
-        """Send what is due, oldest first, over proxy's connection; return counts by outcome.
+    def flush(
+        self, proxy: GmailProxy, max_age: float = DEFAULT_MAX_AGE_SECONDS, concurrency: int = DEFAULT_CONCURRENCY
+    ) -> dict:
+        """Send what is due, oldest first, over up to `concurrency` connections at once; return counts by outcome.
 
         A temporary failure backs that message off (1 minute, doubling, at most 4
-        hours).  If the proxy itself is unavailable (unreachable, 429, 503) the
-        run ends there, `stopped_by` says why, and the next flush waits as long;
-        a failure of one message (a 500) lets the run go on.  A refusal of this
-        client's setup (ConfigurationFailure) ends the run without a back-off, so
-        the first flush after the fix sends everything.  Damaged entries move to
-        failed/ and the rest still flows.  Raises SpoolBusy if another flush is
-        running.
+        hours).  If the proxy itself is unavailable (unreachable, 429 or 503 even at
+        one connection, 502, 504) the run ends there, `stopped_by` says why, and the
+        next flush waits as long; a failure of one message (a 500) lets the run go
+        on.  As in GmailProxy.send_many, one message goes first, and a 429 or 503
+        lowers the concurrency before it ends the run.  A refusal of this client's
+        setup (ConfigurationFailure) ends the run without a back-off, so the first
+        flush after the fix sends everything.  Damaged entries move to failed/ and
+        the rest still flows.  Raises SpoolBusy if another flush is running.
         """
         self.stopped_by = None
+        workers = _concurrency(concurrency)
         report = {"sent": 0, "failed": 0, "deferred": 0, "waiting": 0}
         with self._folders() as folders, self._locked(folders):
             assert folders is not None
@@ -1029,37 +1306,25 @@ class Spool:
             if now < self._retry_at(folders):
                 report["waiting"] = len(names)
                 return report
-            for index, name in enumerate(names):
-                try:
-                    meta, raw = self._load(folders.new, name)
-                except FileNotFoundError:
-                    continue  # sent by a flush that ran before us
-                except DamagedEntry as damage:
-                    report["failed"] += self._set_aside(folders, name, f"damaged spool entry: {damage}")
-                    continue
-                if now - meta["queued_at"] > max_age:
-                    reason = f"expired: queued {(now - meta['queued_at']) / 86400:.1f} days ago"
-                    report["failed"] += self._set_aside(folders, name, f"{reason}; last error: {meta['last_error']}")
-                    continue
-                if meta["next_try"] > now:
-                    report["waiting"] += 1
-                    continue
-                failure = self._send(folders, proxy, name, meta, raw, now)
-                if failure is None:
-                    report["sent"] += 1
-                elif not failure.temporary:
-                    report["failed"] += 1
-                else:
-                    report["deferred"] += 1
-                    if failure.proxy_unavailable:
-                        self.stopped_by = failure
-                        if meta["next_try"] > now:
-                            self._put_if_possible(folders, folders.root, "retry-at", b"%.0f\n" % meta["next_try"])
-                        report["waiting"] += len(names) - index - 1  # those not looked at yet
-                        break
-            else:
+            jobs = [_FlushJob(name) for name in names]
+            batch = _Batch(proxy, workers)
+            dealt = batch.run(
+                jobs,
+                lambda job: self._prepare(folders, proxy, job, now, max_age),
+                lambda job, failure: self._finish(folders, job, failure),
+            )
+            for job, done in zip(jobs, dealt):
+                outcome = job.outcome if done else "waiting"  # not tried: the run stopped
+                if outcome:
+                    report[outcome] += 1
+            self.stopped_by = batch.stopped_by
+            if self.stopped_by is None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink("retry-at", dir_fd=folders.root)
+            else:
+                stopper = next((job for job in jobs if job.failure is self.stopped_by), None)
+                if stopper is not None and stopper.meta and stopper.meta["next_try"] > now:
+                    self._put_if_possible(folders, folders.root, "retry-at", b"%.0f\n" % stopper.meta["next_try"])
         return report
 
     @contextlib.contextmanager
@@ -1080,32 +1345,62 @@ class Spool:
         finally:
             os.close(fd)
 
-    def _send(
-        self, folders: _Folders, proxy: GmailProxy, name: str, meta: dict, raw: bytes, now: float
-    ) -> Optional[MessageSendingFailure]:
+    def _prepare(
+        self, folders: _Folders, proxy: GmailProxy, job: _FlushJob, now: float, max_age: float
+    ) -> Optional[bytes]:
+        """The request for an entry that is due, or None (an entry gone, damaged, expired or backed off).
+
+        Its signed fields are reused while the proxy still accepts them, else signed
+        afresh and recorded before sending, so a rerun resends these exact bytes.
+        """
+        if job.meta is None:
+            try:
+                job.meta, job.raw = self._load(folders.new, job.name)
+            except FileNotFoundError:
+                return None  # sent by a flush that ran before us
+            except DamagedEntry as damage:
+                job.outcome = "failed" if self._set_aside(folders, job.name, f"damaged spool entry: {damage}") else None
+                return None
+            queued_at, last_error = job.meta["queued_at"], job.meta["last_error"]
+            if now - queued_at > max_age:
+                reason = f"expired: queued {(now - queued_at) / 86400:.1f} days ago; last error: {last_error}"
+                job.outcome = "failed" if self._set_aside(folders, job.name, reason) else None
+            elif job.meta["next_try"] > now:
+                job.outcome = "waiting"
+            if job.outcome:
+                job.raw = b""
+                return None
+        meta, raw = job.meta, job.raw
         signed = meta["signed"]
-        if not signed or now - int(signed["timestamp"]) > REUSE_SIGNATURE_SECONDS:
+        if not signed or time.time() - int(signed["timestamp"]) > REUSE_SIGNATURE_SECONDS:
             signed = sign_request(raw, proxy.key, meta["fix_sender"], signature_v1=proxy.signature_v1)
             meta["signed"] = signed
             # Recorded before sending, so a rerun resends these exact bytes.  On a full disk it
             # is sent all the same: delivering beats the small risk of a duplicate after a crash.
-            self._put_if_possible(folders, folders.new, name, _entry(meta, raw))
-        body = form_body(raw, signed["timestamp"], signed["signature"], signed["signature_v2"], signed["fix_sender"])
-        try:
-            proxy.send_signed(body)
-        except MessageSendingFailure as failure:
-            if not failure.temporary:
-                self._set_aside(folders, name, str(failure))
-                return failure
+            self._put_if_possible(folders, folders.new, job.name, _entry(meta, raw))
+        return form_body(raw, signed["timestamp"], signed["signature"], signed["signature_v2"], signed["fix_sender"])
+
+    def _finish(self, folders: _Folders, job: _FlushJob, failure: Optional[MessageSendingFailure]) -> None:
+        """Settle an entry the proxy answered for: deleted once accepted, set aside if refused, else backed off."""
+        meta, raw = job.meta, job.raw
+        assert meta is not None
+        job.failure, job.raw = failure, b""
+        if failure is None:
+            os.unlink(job.name, dir_fd=folders.new)
+            job.outcome = "sent"
+        elif not failure.temporary:
+            self._set_aside(folders, job.name, str(failure))
+            job.outcome = "failed"
+        else:
             meta["last_error"] = str(failure)
+            if isinstance(failure, ConfigurationFailure):
+                meta["signed"] = None  # refused for its key or clock, so never sent: sign afresh after the fix
             if not isinstance(failure, ConfigurationFailure):  # no back-off: the fix should take effect at once
                 meta["attempts"] += 1
                 delay = min(FIRST_RETRY_SECONDS * 2 ** min(meta["attempts"] - 1, 20), MAX_RETRY_SECONDS)
-                meta["next_try"] = now + delay
-            self._put_if_possible(folders, folders.new, name, _entry(meta, raw))
-            return failure
-        os.unlink(name, dir_fd=folders.new)
-        return None
+                meta["next_try"] = time.time() + delay
+            self._put_if_possible(folders, folders.new, job.name, _entry(meta, raw))
+            job.outcome = "deferred"
 
     def _set_aside(self, folders: _Folders, name: str, reason: str) -> int:
         """Move an entry (whatever it is: never followed) to failed/ with its reason; 1 if it moved."""
@@ -1152,6 +1447,7 @@ class Spool:
         with self._folders(create=False) as folders:
             if folders is None:
                 return []
+            paused_until = self._retry_at(folders)  # after the proxy was unavailable, no entry goes before
             for name in self._names(folders.new):
                 try:
                     meta, raw = self._load(folders.new, name)
@@ -1160,7 +1456,7 @@ class Spool:
                 except DamagedEntry as damage:
                     lines.append(f"queued {name}  damaged: {damage} (the next flush moves it to failed/)")
                     continue
-                wait = max(0, meta["next_try"] - now)
+                wait = max(0, max(meta["next_try"], paused_until) - now)
                 why = f"attempts {meta['attempts']}, next try in {wait:.0f}s, last error: {meta['last_error']}"
                 lines.append(f"queued {name}  {_summary(meta, raw, now)}: {why}")
             for name in self._names(folders.failed, skip_reasons=True):
@@ -1173,6 +1469,19 @@ class Spool:
                     continue
                 lines.append(f"failed {name}  {_summary(meta, raw, now)}: {why}")
         return lines
+
+
+class _FlushJob:
+    """One spool entry on its way through a flush: what was read, and what became of it."""
+
+    __slots__ = ("failure", "meta", "name", "outcome", "raw")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.meta: Optional[dict] = None
+        self.raw = b""  # the message, only while it is being sent
+        self.outcome: Optional[str] = None  # the report's key for it: sent, failed, deferred, waiting
+        self.failure: Optional[MessageSendingFailure] = None
 
 
 def _is_link(name: str, folder: Optional[int]) -> bool:
@@ -1438,6 +1747,14 @@ def build_parser(personality: str = "gmail") -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help="seconds each proxy URL gets for the whole exchange: connect, send, answer (default 30)",
     )
+    proxy.add_argument(
+        "--concurrency",
+        type=_connections,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"with --flush or several recipients: send up to N messages at once (default {DEFAULT_CONCURRENCY}); "
+        "a busy proxy (429, 503) gets fewer",
+    )
     spool = parser.add_argument_group("spool (a local queue for outages)")
     spool.add_argument(
         "--queue",
@@ -1480,6 +1797,16 @@ def _seconds(text: str) -> float:
 
 
 _seconds.__name__ = "seconds"  # argparse says "invalid seconds value"
+
+
+def _connections(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_connections.__name__ = "number of connections"
 
 
 def _personality(program: str) -> str:
@@ -1635,7 +1962,7 @@ def _run(args, personality: str, stdin, environ: Mapping[str, str]) -> int:
             raise UsageError("--flush needs a spool: give DIR, or set GMAIL_SPOOL_DIR")
         spool = Spool(flush_dir)
         with GmailProxy(**settings) as proxy:
-            return _flush(spool, proxy, args.max_age * 86400)
+            return _flush(spool, proxy, args.max_age * 86400, args.concurrency)
     messages, fix_sender = _messages(args, personality, mail_mode, stdin, environ)
     if args.check:
         with GmailProxy(**settings, fix_sender=fix_sender) as proxy:
@@ -1653,10 +1980,12 @@ def _run(args, personality: str, stdin, environ: Mapping[str, str]) -> int:
             _said_queued(spool, _queue_or_fail(spool, raw, fix_sender, exc), exc)
         return EX_OK
     with proxy:
-        for raw in messages:
-            proxy.send_mail(raw)
-            if proxy.spool and proxy.last_queued:
-                _said_queued(proxy.spool, proxy.last_queued, proxy.last_failure)
+        try:
+            outcomes = proxy.send_many(messages, args.concurrency)  # one copy per envelope recipient
+        except MessageSendingFailure as failure:
+            _said(proxy, failure.outcomes or [], failure)
+            raise  # the first failure decides the exit status
+        _said(proxy, outcomes)
     return EX_OK
 
 
@@ -1712,6 +2041,17 @@ def _said_queued(spool: Spool, name: str, why: Optional[BaseException]) -> None:
     print(f"gmail.py: not sent ({why}); queued in {spool.path} as {name} for gmail.py --flush", file=sys.stderr)
 
 
+def _said(proxy: GmailProxy, outcomes: list, raised: Optional[MessageSendingFailure] = None) -> None:
+    """A line for each copy queued, and for each other failure than the one raised (main prints that one)."""
+    told = {id(raised)}
+    for outcome in outcomes:
+        if outcome.queued and proxy.spool:
+            _said_queued(proxy.spool, outcome.queued, outcome.failure)
+        elif not outcome and id(outcome.failure) not in told:
+            told.add(id(outcome.failure))
+            print(error_line(outcome.failure), file=sys.stderr)
+
+
 def _list(spool_dir: Optional[str]) -> int:
     if not spool_dir:
         print("nothing queued: no spool is configured (give --list DIR or --queue DIR, or set GMAIL_SPOOL_DIR)")
@@ -1720,10 +2060,10 @@ def _list(spool_dir: Optional[str]) -> int:
     return EX_OK
 
 
-def _flush(spool: Spool, proxy: GmailProxy, max_age: float) -> int:
+def _flush(spool: Spool, proxy: GmailProxy, max_age: float, concurrency: int = DEFAULT_CONCURRENCY) -> int:
     """Flush the spool; quiet unless something was sent or failed (or the setup is wrong), so it suits cron."""
     try:
-        report = spool.flush(proxy, max_age)
+        report = spool.flush(proxy, max_age, concurrency)
     except SpoolBusy:
         return EX_OK  # the running flush will do the work
     waiting = report["waiting"] + report["deferred"]

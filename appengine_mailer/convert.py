@@ -20,6 +20,8 @@ from email.message import Message
 from functools import partial
 from typing import Callable, Iterable, Optional, TypeVar, Union, cast
 
+import gmail
+
 from .delivery import RenderedEmailMessage
 from .errors import BadRequest, HTTPError
 from .fastparse import decode_payload, simple_addresses
@@ -404,8 +406,12 @@ def choose_sender(outgoing: Outgoing, fix_sender: bool, default_sender: Optional
 
 
 def default_sender_or_refuse(default_sender: Optional[str], why: str) -> str:
+    """The default sender; without one, a 400 marked as the proxy's setup (clients keep such mail for later)."""
     if not default_sender:
-        raise BadRequest(f"{why} and the proxy has no default sender (GMAIL_DEFAULT_SENDER)")
+        raise BadRequest(
+            f"{why} and the proxy has no default sender (GMAIL_DEFAULT_SENDER)",
+            [(gmail.ERROR_HEADER, gmail.NO_DEFAULT_SENDER)],
+        )
     return default_sender
 
 

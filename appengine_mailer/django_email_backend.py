@@ -4,11 +4,14 @@
     EMAIL_APPENGINE_PROXY_URL = "https://your-app.appspot.com/"
     EMAIL_APPENGINE_SECRET_KEY = "..."      # optional: defaults to SECRET_KEY
     EMAIL_APPENGINE_FIX_SENDER = False      # optional
+    EMAIL_APPENGINE_CONCURRENCY = 8         # optional: messages sent at once
     EMAIL_TIMEOUT = 30                      # optional
 
-It follows Django's backend contract: open()/close() (or ``with``) keep one
-kept-alive connection for many messages, send_messages() returns how many were
-sent, and fail_silently swallows sending failures but never a missing setting.
+It follows Django's backend contract: open()/close() (or ``with``) keep the
+kept-alive connections for many messages, send_messages() returns how many were
+sent, and fail_silently swallows sending failures but never a setting's.
+send_messages() sends over up to `concurrency` connections at once
+(gmail.GmailProxy.send_many); Django 6.1's MAILERS take the same names as OPTIONS.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ _MISSING = object()
 class GmailBackend(BaseEmailBackend):
     """Send each Django EmailMessage, Bcc included, as one signed POST to the proxy."""
 
-    def __init__(self, proxy_url=None, secret_key=None, fix_sender=None, timeout=None, fail_silently=False, **kwargs):
+    def __init__(
+        self,
+        proxy_url=None,
+        secret_key=None,
+        fix_sender=None,
+        timeout=None,
+        fail_silently=False,
+        concurrency=None,
+        **kwargs,
+    ):
         # Django passes `alias` (6.x) here and rejects unknown options itself.
         super().__init__(**kwargs)
         self.fail_silently = fail_silently
@@ -41,6 +53,7 @@ class GmailBackend(BaseEmailBackend):
         self.timeout = (
             timeout if timeout is not None else (getattr(settings, "EMAIL_TIMEOUT", None) or gmail.DEFAULT_TIMEOUT)
         )
+        self.concurrency = self._concurrency(concurrency)
         self._proxy: gmail.GmailProxy | None = None
 
     @staticmethod
@@ -48,6 +61,17 @@ class GmailBackend(BaseEmailBackend):
         value = getattr(settings, name, None)
         if not value:
             raise ImproperlyConfigured(f"GmailBackend needs the setting {label or name}")
+        return value
+
+    @staticmethod
+    def _concurrency(value) -> int:
+        label = "the option concurrency"
+        if value is None:
+            label, value = "EMAIL_APPENGINE_CONCURRENCY", getattr(settings, "EMAIL_APPENGINE_CONCURRENCY", None)
+        if value is None:
+            return gmail.DEFAULT_CONCURRENCY
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ImproperlyConfigured(f"GmailBackend needs {label} to be a whole number of at least 1, not {value!r}")
         return value
 
     def open(self) -> bool:
@@ -72,28 +96,28 @@ class GmailBackend(BaseEmailBackend):
             proxy.close()
 
     def send_messages(self, email_messages) -> int:
-        """Send the messages over one connection; return how many the proxy accepted."""
+        """Send the messages, up to `concurrency` at once; return how many the proxy accepted.
+
+        A refused message never stops the others: without fail_silently the first
+        failure is raised once all were tried, its `outcomes` saying what became of each.
+        """
         if not email_messages:
             return 0
         opened = self.open()
         if self._proxy is None:
             return 0
-        sent = 0
         try:
-            for message in email_messages:
-                if not message.recipients():
-                    continue
-                try:
-                    self._proxy.send_mail(self.serialize(message))
-                except gmail.MessageSendingFailure:
-                    if not self.fail_silently:
-                        raise
-                    continue
-                sent += 1
+            messages = [self.serialize(message) for message in email_messages if message.recipients()]
+            try:
+                outcomes = self._proxy.send_many(messages, self.concurrency)
+            except gmail.MessageSendingFailure as failure:
+                if not self.fail_silently:
+                    raise
+                outcomes = failure.outcomes or []
         finally:
             if opened:
                 self.close()
-        return sent
+        return sum(outcome.sent for outcome in outcomes)
 
     def check(self, message) -> dict:
         """Ask the proxy what sending `message` would do, without sending it (see the README's /check).

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import gmail
 from conftest import ROOT
 
 
@@ -25,12 +26,19 @@ def test_server_benchmark_prints_its_table():
     assert re.fullmatch(r"worst proxy/seed: \d+\.\d\d", lines[-1])
 
 
-def test_client_benchmark_prints_its_ratio():
+def test_client_benchmark_prints_its_ratios():
+    quick = ["--messages", "20", "--rounds", "2", "--batch", "20", "--batch-rounds", "1"]
+    quick += ["--proxy-batch", "20", "--proxy-rounds", "1"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_client.py"), "--messages", "20", "--rounds", "2"],
+        [sys.executable, str(ROOT / "bench" / "bench_client.py"), *quick],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert re.fullmatch(r"client batch/seed: \d+\.\d\d", result.stdout.strip().splitlines()[-1])
+    default = gmail.DEFAULT_CONCURRENCY
+    assert re.fullmatch(
+        rf"client send_mail/bare: \d+\.\d\d  many\(1\)/send_mail: \d+\.\d\d  many\({default}\)/many\(1\): \d+\.\d\d  "
+        r"batch/seed: \d+\.\d\d",
+        result.stdout.strip().splitlines()[-1],
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from email.mime.image import MIMEImage
 
 import pytest
@@ -121,7 +122,11 @@ def test_own_secret_key_setting_and_fix_sender(reference_server):
 
 
 def test_connection_contract(reference_server):
-    with override_settings(EMAIL_APPENGINE_PROXY_URL=reference_server.url, EMAIL_APPENGINE_SECRET_KEY=KEY.decode()):
+    with override_settings(
+        EMAIL_APPENGINE_PROXY_URL=reference_server.url,
+        EMAIL_APPENGINE_SECRET_KEY=KEY.decode(),
+        EMAIL_APPENGINE_CONCURRENCY=1,
+    ):
         backend = GmailBackend()
         backend.close()  # safe when nothing is open
         assert backend.send_messages([]) == 0
@@ -134,6 +139,43 @@ def test_connection_contract(reference_server):
         with GmailBackend() as connection:
             assert connection.send_messages(messages[:5]) == 5
     assert reference_server.connections == 2 and len(reference_server.accepted) == 25
+
+
+def test_send_mass_mail_with_concurrency_through_the_real_proxy(proxy):
+    proxy.sink.delay = 0.02
+    datatuple = [(f"Mass {i}", f"Body {i}", "from@example.com", [f"r{i}@example.com"]) for i in range(24)]
+    with override_settings(EMAIL_APPENGINE_CONCURRENCY=6):
+        assert mail.get_connection().concurrency == 6
+        assert mail.send_mass_mail(datatuple) == 24
+    received = proxy.sink.wait_for(24)
+    time.sleep(0.3)
+    assert sorted(env.message["Subject"] for env in proxy.sink.received) == sorted(f"Mass {i}" for i in range(24))
+    assert sorted(env.rcpt_tos[0] for env in received) == sorted(f"r{i}@example.com" for i in range(24))
+
+
+def test_a_refused_message_in_a_batch(reference_server):
+    reference_server.force_status, reference_server.force_reason = 400, "no such user"
+    reference_server.force_if = b"refuse-me"
+    subjects = ["ok 0", "refuse-me 1", "ok 2", "ok 3", "refuse-me 4", "ok 5"]
+    with override_settings(EMAIL_APPENGINE_PROXY_URL=reference_server.url, EMAIL_APPENGINE_SECRET_KEY=KEY.decode()):
+        messages = [mail.EmailMessage(s, "b", "f@example.com", ["t@example.com"]) for s in subjects]
+        assert mail.get_connection(fail_silently=True, concurrency=3).send_messages(messages) == 4
+        with pytest.raises(gmail.MessageSendingFailure, match="400 no such user") as caught:
+            mail.get_connection(concurrency=3).send_messages(messages)
+    assert [outcome.sent for outcome in caught.value.outcomes] == [not s.startswith("refuse") for s in subjects]
+    assert len(reference_server.accepted) == 8  # the refusal stopped no other message
+
+
+@pytest.mark.parametrize(
+    "setting, option, named",
+    [(0, None, "EMAIL_APPENGINE_CONCURRENCY"), ("8", None, "EMAIL_APPENGINE_CONCURRENCY"), (None, -1, "concurrency")],
+)
+def test_concurrency_must_be_a_whole_number_even_when_silent(reference_server, setting, option, named):
+    with (
+        override_settings(EMAIL_APPENGINE_PROXY_URL=reference_server.url, EMAIL_APPENGINE_CONCURRENCY=setting),
+        pytest.raises(ImproperlyConfigured, match=f"{named} to be a whole number of at least 1"),
+    ):
+        mail.get_connection(fail_silently=True, concurrency=option)
 
 
 @pytest.mark.skipif(django.VERSION < (6, 0), reason="Django 5.x passes no alias and ignores unknown options")
@@ -151,12 +193,21 @@ def test_django61_mailers_options(reference_server):
     mailers = {
         "default": {
             "BACKEND": "appengine_mailer.django_email_backend.GmailBackend",
-            "OPTIONS": {"proxy_url": reference_server.url, "secret_key": KEY.decode(), "fix_sender": True},
+            "OPTIONS": {
+                "proxy_url": reference_server.url,
+                "secret_key": KEY.decode(),
+                "fix_sender": True,
+                "concurrency": 3,
+            },
         }
     }
+    reference_server.delay = 0.05
+    messages = [mail.EmailMessage(f"s{i}", "b", "f@example.com", ["t@example.com"]) for i in range(9)]
     with override_settings(MAILERS=mailers), mail.mailers["default"] as connection:
-        sent = connection.send_messages([mail.EmailMessage("s", "b", "f@example.com", ["t@example.com"])])
-    assert sent == 1 and reference_server.accepted[0]["fix_sender"] == "true"
+        assert connection.concurrency == 3
+        sent = connection.send_messages(messages)
+    assert sent == 9 and all(accepted["fix_sender"] == "true" for accepted in reference_server.accepted)
+    assert 1 < max(reference_server.in_flight_seen) <= 3
 
 
 def test_check_reports_without_sending(proxy):

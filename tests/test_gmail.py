@@ -758,3 +758,19 @@ def test_check_against_a_proxy_without_it_says_so(reference_server):
     proxy = gmail.GmailProxy(KEY, reference_server.url)
     with pytest.raises(gmail.MessageSendingFailure, match=r"has no /check .*older than this client"):
         proxy.check(readme_message())
+
+
+def test_a_wrong_url_path_and_a_proxy_without_default_sender_are_setup_errors(
+    start_server, smtp_sink, lone_client, clean_env, tmp_path
+):
+    from conftest import server_env
+
+    server = start_server(server_env(tmp_path, smtp_sink))  # no GMAIL_DEFAULT_SENDER
+    wrong_path = run_cli(lone_client, ["you@example.com"], cli_env(clean_env, server.url + "send", KEY), b"hi\n")
+    assert wrong_path.returncode == 78 and b"does not take mail at this URL (404 " in wrong_path.stderr
+    no_sender = run_cli(lone_client, ["you@example.com"], cli_env(clean_env, server.url, KEY), b"hi\n")
+    assert no_sender.returncode == 78, no_sender.stderr
+    assert (
+        b"has no default sender to send this from" in no_sender.stderr and b"GMAIL_DEFAULT_SENDER" in no_sender.stderr
+    )
+    assert smtp_sink.wait_for(1, timeout=0.5) == []

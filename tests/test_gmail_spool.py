@@ -544,3 +544,24 @@ def test_a_dripping_proxy_cannot_hold_the_flush(drip_server, tmp_path):
     assert "timed out: no complete answer within 2 s" in listing
     with open(spool_dir / ".lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+
+
+def test_a_client_key_fixed_after_a_refused_flush_sends_at_once(start_server, smtp_sink, tmp_path):
+    spool_dir = tmp_path / "spool"
+    queue(spool_dir, 2)
+    server = start_server(server_env(tmp_path, smtp_sink))
+    wrong = tmp_path / "wrong-key"
+    wrong.write_text(OTHER_KEY.decode())
+    assert cli("--key-file", str(wrong), "--flush", str(spool_dir), url=server.url).returncode == 78
+    result = cli("--flush", str(spool_dir), url=server.url)  # the right key, seconds later
+    assert result.returncode == 0 and b"sent 2" in result.stdout, result.stderr
+    assert subjects(smtp_sink) == {"queued 0": 1, "queued 1": 1}
+
+
+def test_the_listing_says_when_a_paused_spool_sends_next(reference_server, tmp_path):
+    spool_dir = tmp_path / "spool"
+    queue(spool_dir, 2)
+    reference_server.force_status, reference_server.retry_after = 503, "0"
+    assert cli("--flush", str(spool_dir), url=reference_server.url).returncode == 0
+    lines = cli("--list", str(spool_dir), url=reference_server.url).stdout.decode().splitlines()
+    assert len(lines) == 2 and all("next try in 0s" not in line for line in lines)

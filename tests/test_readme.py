@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from email.message import EmailMessage
 
 import pytest
 
@@ -23,6 +24,24 @@ def test_python_client_example(reference_server, capsys):
     exec(compile(code, "README.md", "exec"), {"SECRET_KEY": KEY.decode(), "PROXY_URL": reference_server.url})
     [accepted] = reference_server.accepted
     assert b"Subject: Testing" in accepted["msg"] and "Failed" not in capsys.readouterr().out
+
+
+def test_send_many_example(reference_server, capsys):
+    code = code_block("### Sending many messages at once", "python")
+    reference_server.force_status, reference_server.force_if = 400, b"refused%40example.com"
+    messages = []
+    for to in ("a@example.com", "refused@example.com", "b@example.com"):
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "app@example.com", to, "Notice"
+        msg.set_content("Your report is ready.\n")
+        messages.append(msg)
+    namespace = {"SECRET_KEY": KEY.decode(), "PROXY_URL": reference_server.url, "messages": messages}
+    exec(compile(code, "README.md", "exec"), namespace)
+    where = reference_server.url.split("/")[2]
+    assert capsys.readouterr().out == (
+        f"not sent to refused@example.com: the proxy at {where} refused the message: 400 forced failure\n"
+    )
+    assert len(reference_server.accepted) == 2
 
 
 @pytest.mark.skipif(not (shutil.which("curl") and shutil.which("openssl")), reason="needs curl and openssl")
