@@ -1658,7 +1658,7 @@ def build_parser(personality: str = "gmail") -> argparse.ArgumentParser:
             epilog=SETTINGS_HELP + "\n\n"
             "Recipients: the RECIPIENT arguments, or with -t the message's To, Cc and Bcc.\n"
             "Only when neither is given is the environment variable RECIPIENT used (one\n"
-            "address; Exim's pipe transport sets it); without it, the message's headers.\n"
+            "address; older Exim transports set it); without it, the message's headers.\n"
             "Installed under the name sendmail or mailq, it behaves as those (see README).\n\n" + EXIT_STATUS_HELP,
         )
     else:
