@@ -100,6 +100,18 @@ MESSAGE = (
 )
 
 
+def delivered_once_each(exim, smtp_sink) -> list:
+    """What the sink received once Exim's queue is empty: one copy for each of the three recipients."""
+    received = smtp_sink.wait_for(3)
+    assert exim.queue_size() == 0, exim.log()
+    assert sorted(r for env in received for r in env.rcpt_tos) == [
+        "ann@example.com",
+        "cc@example.com",
+        "hidden@example.com",
+    ]
+    return received
+
+
 def test_outage_queues_then_each_recipient_gets_one_copy(exim, start_server, smtp_sink, tmp_path):
     exim.set_proxy_url(f"http://127.0.0.1:{free_port()}/")  # nobody listens there
     result = exim.run("-odf", "-t", stdin=MESSAGE)
@@ -112,13 +124,7 @@ def test_outage_queues_then_each_recipient_gets_one_copy(exim, start_server, smt
     exim.set_proxy_url(server.url)
     result = exim.run("-qff")
     assert result.returncode == 0, result.stderr
-    received = smtp_sink.wait_for(3)
-    assert exim.queue_size() == 0, exim.log()
-    assert sorted(r for env in received for r in env.rcpt_tos) == [
-        "ann@example.com",
-        "cc@example.com",
-        "hidden@example.com",
-    ]
+    received = delivered_once_each(exim, smtp_sink)
     for env in received:
         assert env.message["Subject"] == "via exim"
         assert env.message.get_body(("plain",)).get_content().strip() == "Hello through Exim."
@@ -144,10 +150,4 @@ def test_wrong_key_is_deferred_not_bounced_then_delivered_once_fixed(exim, start
     exim.set_key(OTHER_KEY)
     result = exim.run("-qff")
     assert result.returncode == 0, result.stderr
-    received = smtp_sink.wait_for(3)
-    assert exim.queue_size() == 0, exim.log()
-    assert sorted(r for env in received for r in env.rcpt_tos) == [
-        "ann@example.com",
-        "cc@example.com",
-        "hidden@example.com",
-    ]
+    delivered_once_each(exim, smtp_sink)
