@@ -52,12 +52,11 @@ try:
     from appengine_mailer.settings import (
         DEFAULT_MAX_RECIPIENTS,
         EX_CONFIG,
-        MIN_KEY_LENGTH,
         Key,
         KeySource,
+        checked_keys,
         default_sender_from_environment,
         flag_setting,
-        key_fingerprint,
         key_source,
         number_setting,
         on_app_engine,
@@ -142,7 +141,7 @@ class Mailer:
                 verdict, note, fields, report = handler(environ)
         except HTTPError as err:
             failed = err.status.startswith("5")
-            _log_outcome(
+            logs.outcome(
                 logging.WARNING if failed else logging.INFO,
                 "failed" if failed else "refused",
                 err.status,
@@ -156,14 +155,14 @@ class Mailer:
         except Exception as exc:  # a bug: answer without a traceback, whose text could quote the message
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             where = f"{type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno}"
-            _log_outcome(logging.ERROR, "failed", "500", f"internal error: {where}", size=size)
+            logs.outcome(logging.ERROR, "failed", "500", f"internal error: {where}", size=size)
             return self._respond(
                 start_response, "500 Internal Server Error", "internal error\n", "text/plain; charset=utf-8", method
             )
         if report is not None:
-            _log_outcome(logging.INFO, verdict, "200", note, size=size, **fields)
+            logs.outcome(logging.INFO, verdict, "200", note, size=size, **fields)
             return self._respond(start_response, "200 OK", json.dumps(report) + "\n", "application/json", method)
-        _log_outcome(logging.INFO, verdict, "204", note, size=size, **fields)
+        logs.outcome(logging.INFO, verdict, "204", note, size=size, **fields)
         start_response("204 No Content", [])
         return []
 
@@ -304,23 +303,6 @@ class Mailer:
         return "bounce", f"{bounce.describe(report)} forwarded to {bounce.where(self.bounce_url)}", {}, None
 
 
-def _log_outcome(level: int, verdict: str, status: str, reason: str, **fields) -> None:
-    """One line per request: sent, refused (the client's fault) or failed (ours), with sizes and counts only."""
-    code = status.split()[0]
-    reason = logs.printable(reason)
-    fields = {name: value for name, value in fields.items() if value is not None}
-    details = " ".join(f"{name}={value}" for name, value in fields.items())
-    log.log(
-        level,
-        "%s: %s %s%s",
-        verdict,
-        code,
-        f"{reason} " if reason else "",
-        details,
-        extra={"fields": {"outcome": verdict, "status": int(code), "reason": reason, **fields}},
-    )
-
-
 def make_app(
     keys: Union[Iterable[Union[bytes, str]], bytes, str], default_sender: Optional[str] = None, **limits
 ) -> Mailer:
@@ -330,30 +312,7 @@ def make_app(
     sign, so it is refused (ValueError); a short one is logged as a warning.
     The app sends through whatever `mail` stub is registered in apiproxy_stub_map.
     """
-    return Mailer(_checked_keys(keys), default_sender, **limits)
-
-
-def _checked_keys(keys: Union[Iterable[Union[bytes, str]], bytes, str]) -> list[Key]:
-    if isinstance(keys, (bytes, str)):
-        keys = [keys]
-    checked = []
-    for number, key in enumerate(keys, 1):
-        if isinstance(key, str):
-            key = key.encode("utf-8")
-        if not isinstance(key, bytes):
-            raise TypeError(f"make_app: key #{number} is a {type(key).__name__}, not bytes or str")
-        if not isinstance(key, Key):
-            key = Key(key)  # may send as anyone; pass a Key to scope it to its senders
-        if not key.decode("utf-8", "replace").strip():  # str.strip() knows Unicode spaces such as U+00A0
-            raise ValueError(f"make_app: key #{number} is blank: a blank key would let anyone send")
-        if len(key) < MIN_KEY_LENGTH:
-            log.warning(
-                "key %s is only %d characters long: use `python mailer.py keys new`", key_fingerprint(key), len(key)
-            )
-        checked.append(key)
-    if not checked:
-        log.warning("make_app: no key given: every request will be refused (503)")
-    return checked
+    return Mailer(checked_keys(keys), default_sender, **limits)
 
 
 def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path = HERE) -> Mailer:
@@ -367,19 +326,9 @@ def app_from_environment(environ: Optional[Mapping[str, str]] = None, root: Path
         # On App Engine many instances serve one proxy: only memcache is shared by all.
         replay_store=MemcacheReplayStore() if on_app_engine(environ) else InProcessReplayStore(),
         max_recipients=int(number_setting(environ, "GMAIL_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS, whole=True)),
-        bounce_url=_bounce_url(environ),
+        bounce_url=bounce.url_from_environment(environ),
         admission=Admission(int(number_setting(environ, "GMAIL_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB) * MB)),
     )
-
-
-def _bounce_url(environ: Mapping[str, str]) -> Optional[str]:
-    """GMAIL_BOUNCE_URL, checked: a bad one stops the server with one line (exit 78)."""
-    url = environ.get("GMAIL_BOUNCE_URL", "").strip()
-    problem = bounce.check_url(url) if url else None
-    if problem:
-        print(f"mailer.py: {problem}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG)
-    return url or None
 
 
 def for_app_engine(application: Mailer) -> Callable:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
@@ -28,6 +29,7 @@ import gmail
 from .errors import BadRequest, ServiceUnavailable, UnsupportedMediaType
 from .form import MAX_FORM_FIELDS, parse_form, read_body
 from .sdk import mail
+from .settings import EX_CONFIG
 
 log = logging.getLogger("appengine_mailer")
 
@@ -136,3 +138,13 @@ def describe(bounce: dict) -> str:
     """One log line's worth: who sent what to whom (never the message or the notice's text)."""
     original = bounce["original"]
     return f"from {original['from']!r} to {original['to']!r} message-id {original['message_id']!r}"
+
+
+def url_from_environment(environ: Mapping[str, str]) -> Optional[str]:
+    """GMAIL_BOUNCE_URL, checked: a bad one stops the server with one line (exit 78)."""
+    url = environ.get("GMAIL_BOUNCE_URL", "").strip()
+    problem = check_url(url) if url else None
+    if problem:
+        print(f"mailer.py: {problem}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG)
+    return url or None

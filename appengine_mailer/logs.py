@@ -87,3 +87,20 @@ def printable(text: str, limit: int = 500) -> str:
     text = text[:limit]
     safe = text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return safe if len(safe) <= limit else safe[: limit - 1] + "…"
+
+
+def outcome(level: int, verdict: str, status: str, reason: str, **fields) -> None:
+    """One line per request: sent, refused (the client's fault) or failed (ours), with sizes and counts only."""
+    code = status.split()[0]
+    reason = printable(reason)
+    fields = {name: value for name, value in fields.items() if value is not None}
+    details = " ".join(f"{name}={value}" for name, value in fields.items())
+    logging.getLogger(LOGGER_NAME).log(
+        level,
+        "%s: %s %s%s",
+        verdict,
+        code,
+        f"{reason} " if reason else "",
+        details,
+        extra={"fields": {"outcome": verdict, "status": int(code), "reason": reason, **fields}},
+    )

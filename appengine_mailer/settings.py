@@ -279,3 +279,27 @@ def number_setting(environ: Mapping[str, str], name: str, default: float, *, who
         print(f"mailer.py: {name} must be {kind}, not {text!r}", file=sys.stderr)
         raise SystemExit(EX_CONFIG)
     return value
+
+
+def checked_keys(keys: Union[Iterable[Union[bytes, str]], bytes, str]) -> list[Key]:
+    """Keys given to make_app: one or several, bytes, str or Key; a blank one refused, a short one warned of."""
+    if isinstance(keys, (bytes, str)):
+        keys = [keys]
+    checked = []
+    for number, key in enumerate(keys, 1):
+        if isinstance(key, str):
+            key = key.encode("utf-8")
+        if not isinstance(key, bytes):
+            raise TypeError(f"make_app: key #{number} is a {type(key).__name__}, not bytes or str")
+        if not isinstance(key, Key):
+            key = Key(key)  # may send as anyone; pass a Key to scope it to its senders
+        if not key.decode("utf-8", "replace").strip():  # str.strip() knows Unicode spaces such as U+00A0
+            raise ValueError(f"make_app: key #{number} is blank: a blank key would let anyone send")
+        if len(key) < MIN_KEY_LENGTH:
+            log.warning(
+                "key %s is only %d characters long: use `python mailer.py keys new`", key_fingerprint(key), len(key)
+            )
+        checked.append(key)
+    if not checked:
+        log.warning("make_app: no key given: every request will be refused (503)")
+    return checked
