@@ -67,7 +67,7 @@ try:
         InProcessReplayStore,
         MemcacheReplayStore,
         ReplayStore,
-        check_sender_allowed,
+        check_senders_allowed,
         check_signature,
         check_signature_v2,
     )
@@ -78,8 +78,6 @@ except ImportError as missing:  # run as a command without the SDK: one line tha
     sys.exit(78)  # EX_CONFIG: the installation is incomplete
 
 __version__ = gmail.__version__
-
-log = logging.getLogger("appengine_mailer")
 
 HERE = Path(__file__).resolve().parent  # the deployment: keys/ and outbox/ live beside this file
 MAX_REASON = 1000  # characters of a refusal's reason sent back (one may quote a long file name)
@@ -241,15 +239,14 @@ class Mailer:
     def _send_message(self, msg: bytes, fix_sender: bool, key: bytes) -> dict:
         outgoing = Outgoing(parse_message(msg), self.max_recipients)
         sender = choose_sender(outgoing, fix_sender, self.default_sender)
-        for identity in outgoing.identities(sender):
-            check_sender_allowed(key, identity)
+        check_senders_allowed(key, outgoing.identities(sender))
         try:
             self._deliver(outgoing, sender, outgoing.reply_to)
         except UnauthorizedSender:
             if not fix_sender:
                 raise
             fallback = default_sender_or_refuse(self.default_sender, f"sender {sender!r} is not authorized")
-            check_sender_allowed(key, address_of(fallback))
+            check_senders_allowed(key, [address_of(fallback)])
             self._deliver(outgoing, fallback, outgoing.reply_to or sender)
         outcome: dict = {"recipients": outgoing.recipient_count, "attachments": len(outgoing.attachments)}
         if outgoing.headers_dropped:

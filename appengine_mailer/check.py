@@ -17,7 +17,7 @@ from .convert import Outgoing, address_of, choose_sender, without_surrogates
 from .errors import HTTPError, http_error_for_send_failure
 from .fastparse import parse_message
 from .sdk import mail
-from .signatures import check_sender_allowed
+from .signatures import check_senders_allowed
 
 MAIL_API_LIMIT = int(31.5 * 1024 * 1024)  # the Mail API's limit for a message with its attachments
 MAX_ARCHIVE_ENTRIES = 1000  # entries of an attached zip looked at for executables
@@ -85,8 +85,7 @@ def _sender(
 ) -> Optional[str]:
     try:
         sender = choose_sender(outgoing, fix_sender, default_sender)
-        for identity in outgoing.identities(sender):
-            check_sender_allowed(key, identity)
+        check_senders_allowed(key, outgoing.identities(sender))
     except HTTPError as refusal:
         problems.append(refusal.reason)
         return None

@@ -175,6 +175,11 @@ def warn_short_keys(keys: Iterable[bytes]) -> None:
             )
 
 
+def key_file_paths(root: Path) -> list[Path]:
+    """Every file keys_from_environment() may read keys from, in the order it looks."""
+    return [root / "keys" / "GMAIL_SECRET_KEY", root / "GMAIL_SECRET_KEY", root / "GMAIL_SECRET_KEYS"]
+
+
 class KeyFile:
     """The keys in a deployment's key files, read again within seconds of a change, without a restart.
 
@@ -188,7 +193,7 @@ class KeyFile:
         self.root = root
         self.interval = interval
         self._clock = clock
-        self._paths = [root / "keys" / "GMAIL_SECRET_KEY", root / "GMAIL_SECRET_KEY", root / "GMAIL_SECRET_KEYS"]
+        self._paths = key_file_paths(root)
         self._lock = threading.Lock()
         self._stamp = self._read_stamp()
         self._keys = keys_from_environment({}, root)
@@ -236,7 +241,7 @@ def key_source(environ: Optional[Mapping[str, str]], root: Path) -> KeySource:
     """Keys from the environment are fixed for the process's life; keys from files follow the files."""
     environ = os.environ if environ is None else environ
     if environ.get("GMAIL_SECRET_KEY"):
-        ignored = [path for path in (root / "keys" / "GMAIL_SECRET_KEY", root / "GMAIL_SECRET_KEY") if path.is_file()]
+        ignored = [path for path in key_file_paths(root) if path.is_file()]
         if ignored:
             log.warning("GMAIL_SECRET_KEY is set in the environment, so the key file %s is not read", ignored[0])
         return keys_from_environment(environ, root)

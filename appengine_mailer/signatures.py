@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import gmail
 
@@ -71,12 +71,16 @@ def check_signature_v2(
     return signature.decode("ascii"), key
 
 
-def check_sender_allowed(key: bytes, sender: str) -> None:
-    """Refuse (403) a sender outside the scope of the key that signed the request."""
-    if isinstance(key, Key) and not key.allows(sender):
-        raise Forbidden(
-            f"the key {key_fingerprint(key)} may not send as {sender!r}: it may send only as {', '.join(key.senders)}"
-        )
+def check_senders_allowed(key: bytes, senders: Iterable[str]) -> None:
+    """Refuse (403) the first sender outside the scope of the key that signed the request."""
+    if not isinstance(key, Key):
+        return
+    for sender in senders:
+        if not key.allows(sender):
+            raise Forbidden(
+                f"the key {key_fingerprint(key)} may not send as {sender!r}: it may send only as "
+                f"{', '.join(key.senders)}"
+            )
 
 
 # ---------------------------------------------------------------------------
